@@ -1,0 +1,124 @@
+"""The expert cache: ONNX Runtime sessions of paged-in experts, held within a byte budget.
+
+The cache counts what a session really holds (measured per expert template at load, after
+ONNX Runtime's prepacking), evicts by a policy object, and keeps its statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mobilemoe.memory import release_freed_memory
+
+Key = Hashable
+
+
+class EvictionPolicy(Protocol):
+    def inserted(self, key: Key) -> None: ...
+    def touched(self, key: Key) -> None: ...
+    def removed(self, key: Key) -> None: ...
+    def victim(self, keep: set) -> Key | None:
+        """The entry to evict next, never one in `keep`; None if there is none."""
+
+
+class LRUPolicy:
+    """Evict the least recently used expert."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def inserted(self, key: Key) -> None:
+        self._order[key] = None
+
+    def touched(self, key: Key) -> None:
+        self._order.move_to_end(key)
+
+    def removed(self, key: Key) -> None:
+        del self._order[key]
+
+    def victim(self, keep: set) -> Key | None:
+        return next((k for k in self._order if k not in keep), None)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_paged_in: int = 0  # bytes read from the expert store
+    paging_seconds: float = 0.0  # reading + checking + building sessions
+    resident_bytes: int = 0  # what the cached sessions hold now
+    peak_resident_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    session: Any
+    held_bytes: int  # memory the session holds, counted against the budget
+    read_bytes: int  # bytes read from disk to build it
+
+
+class ExpertCache:
+    def __init__(self, load: Callable[[Key], Loaded], held_bytes: Callable[[Key], int],
+                 capacity_bytes: int, policy: EvictionPolicy | None = None):
+        self._load = load
+        self._held_bytes = held_bytes
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy or LRUPolicy()
+        self._entries: dict[Key, Loaded] = {}
+        self.stats = CacheStats()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def get(self, key: Key, keep: set = frozenset()) -> Any:
+        """The session for `key`, paging it in if needed; never evicts an entry in `keep`."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.stats.hits += 1
+            self.policy.touched(key)
+            return entry.session
+        self.stats.misses += 1
+        start = time.perf_counter()
+        # Evict first, so the new session never coexists with what it replaces.
+        self._make_room(self._held_bytes(key), keep)
+        entry = self._load(key)
+        self._entries[key] = entry
+        self.policy.inserted(key)
+        self.stats.bytes_paged_in += entry.read_bytes
+        self.stats.resident_bytes += entry.held_bytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes,
+                                             self.stats.resident_bytes)
+        self.stats.paging_seconds += time.perf_counter() - start
+        return entry.session
+
+    def _make_room(self, needed: int, keep: set) -> None:
+        evicted = False
+        while self.stats.resident_bytes + needed > self.capacity_bytes:
+            victim = self.policy.victim(keep)
+            if victim is None:
+                break  # only experts the current step needs are left: the plan allows them
+            self._remove(victim)
+            evicted = True
+        if evicted:
+            release_freed_memory()
+
+    def _remove(self, key: Key) -> None:
+        entry = self._entries.pop(key)
+        self.policy.removed(key)
+        self.stats.resident_bytes -= entry.held_bytes
+        self.stats.evictions += 1
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._remove(key)
+        release_freed_memory()

@@ -1,0 +1,48 @@
+"""Reads one expert's block from the package's expert store, checked against its crc32."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from mobilemoe.errors import PackageError
+from mobilemoe.manifest import ExpertEntry, ExpertTemplate, Manifest, resolve_inside
+
+
+class ExpertStore:
+    def __init__(self, package: Path, manifest: Manifest):
+        self._path = resolve_inside(package, manifest.expert_store.path)
+        self._fd = os.open(self._path, os.O_RDONLY)
+        self.templates = manifest.templates
+        self._entries = {(e.layer, e.expert): e for e in manifest.experts}
+
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        return self._entries[(layer, expert)]
+
+    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        """The expert's initializers as views into one freshly read buffer."""
+        entry = self._entries[(layer, expert)]
+        block = np.empty(entry.length, dtype=np.uint8)
+        got = os.preadv(self._fd, [block], entry.offset)
+        if got != entry.length:
+            raise PackageError(f"{self._path.name}: truncated at expert {layer}/{expert} "
+                               "(re-export the package)")
+        if zlib.crc32(block) != entry.crc32:
+            raise PackageError(f"{self._path.name}: checksum mismatch at expert {layer}/{expert}; "
+                               "the file is corrupt (re-export the package)")
+        return _views(block, self.templates[entry.template])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _views(block: np.ndarray, template: ExpertTemplate) -> dict[str, np.ndarray]:
+    return {
+        s.name: block[s.offset:s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
+        for s in template.tensors
+    }

@@ -1,0 +1,311 @@
+"""The package manifest: what a mobilemoe package contains, versioned and validated on load.
+
+The runtime never trusts a package: every field is type-checked, every path must stay inside
+the package folder, and file sizes are checked before anything is read. docs/FORMAT.md
+describes each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobilemoe.errors import PackageError
+
+FORMAT_NAME = "mobilemoe"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int  # of one expert
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    scoring: str  # "softmax": probabilities over all experts, then top-k
+    top_k: int
+    normalize_top_k: bool
+
+
+@dataclass(frozen=True)
+class Rope:
+    inv_freq: list[float]  # [head_dim / 2], computed at export by the architecture's rope rule
+    attention_scaling: float = 1.0
+
+
+@dataclass(frozen=True)
+class Quantization:
+    expert_bits: int
+    dense_bits: int
+    block_size: int
+    accuracy_level: int  # MatMulNBits: 4 = int8 activations (fast), 0/1 = float32 compute
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str  # relative to the package folder
+    size: int
+    sha256: str | None = None  # None for the expert store: experts carry their own crc32
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one initializer of an expert template lies inside an expert's byte block."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ExpertTemplate:
+    graph: FileRef
+    bits: int
+    block_bytes: int
+    tensors: list[TensorSlot]
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    layer: int
+    expert: int
+    template: str
+    offset: int  # into the expert store, aligned to `store_alignment`
+    length: int
+    crc32: int
+
+
+@dataclass
+class Manifest:
+    model_type: str
+    hf_architecture: str
+    dims: ModelDims
+    routing: Routing
+    rope: Rope
+    quantization: Quantization
+    embed_graph: FileRef
+    layer_graphs: list[FileRef]
+    head_graph: FileRef
+    templates: dict[str, ExpertTemplate]
+    expert_store: FileRef
+    store_alignment: int
+    experts: list[ExpertEntry]
+    tokenizer_file: str | None = None
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    generation: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        data = {"format": FORMAT_NAME, **asdict(self)}
+        return json.dumps(data, indent=1)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, package: Path) -> Manifest:
+        path = package / MANIFEST_FILE
+        if not package.is_dir():
+            raise PackageError(f"{package}: not a folder (a mobilemoe package is a folder)")
+        if not path.is_file():
+            raise PackageError(
+                f"{package}: no {MANIFEST_FILE}; not a mobilemoe package "
+                "(create one with `mobilemoe export CHECKPOINT -o OUT`)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PackageError(f"{path}: manifest is not valid JSON ({e})") from None
+        manifest = _parse(data)
+        _check_files(package, manifest)
+        return manifest
+
+    def expert_bytes(self) -> int:
+        return sum(e.length for e in self.experts)
+
+    def dense_bytes(self) -> int:
+        return sum(g.size for g in [self.embed_graph, *self.layer_graphs, self.head_graph])
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def _get(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise PackageError(f"manifest: missing field {where}{key}")
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise PackageError(f"manifest: field {where}{key} has the wrong type")
+    return value
+
+
+_KINDS: dict[str, Any] = {
+    "int": int, "float": float, "str": str, "bool": bool,
+    "list[float]": list, "list[int]": list, "str | None": (str, type(None)),
+}
+
+
+def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """Read a flat dataclass's fields from `data`, checking each against its annotation."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING and (not isinstance(data, dict) or f.name not in data):
+            out[f.name] = f.default
+            continue
+        out[f.name] = _get(data, f.name, _KINDS[str(f.type)], where)
+    return out
+
+
+def _file_ref(data: Any, where: str) -> FileRef:
+    return FileRef(**_fields(FileRef, data, where))
+
+
+def _parse(data: Any) -> Manifest:
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise PackageError("manifest: not a mobilemoe manifest (field format != 'mobilemoe')")
+    version = _get(data, "format_version", int, "")
+    if version != FORMAT_VERSION:
+        newer = version > FORMAT_VERSION
+        raise PackageError(
+            f"package format {version}, this runtime reads {FORMAT_VERSION}: "
+            + ("upgrade mobilemoe (pip install -U mobilemoe)" if newer else
+               "re-export it with `mobilemoe export CHECKPOINT -o OUT`")
+        )
+    dims = ModelDims(**_fields(ModelDims, _get(data, "dims", dict, ""), "dims."))
+    templates = {}
+    for tid, t in _get(data, "templates", dict, "").items():
+        where = f"templates.{tid}."
+        slots = [TensorSlot(**_slot(s, where)) for s in _get(t, "tensors", list, where)]
+        templates[tid] = ExpertTemplate(
+            graph=_file_ref(_get(t, "graph", dict, where), where + "graph."),
+            bits=_get(t, "bits", int, where),
+            block_bytes=_get(t, "block_bytes", int, where),
+            tensors=slots,
+        )
+    experts = [ExpertEntry(**_fields(ExpertEntry, e, "experts[].")) for e in
+               _get(data, "experts", list, "")]
+    manifest = Manifest(
+        model_type=_get(data, "model_type", str, ""),
+        hf_architecture=_get(data, "hf_architecture", str, ""),
+        dims=dims,
+        routing=Routing(**_fields(Routing, _get(data, "routing", dict, ""), "routing.")),
+        rope=Rope(**_fields(Rope, _get(data, "rope", dict, ""), "rope.")),
+        quantization=Quantization(
+            **_fields(Quantization, _get(data, "quantization", dict, ""), "quantization.")
+        ),
+        embed_graph=_file_ref(_get(data, "embed_graph", dict, ""), "embed_graph."),
+        layer_graphs=[_file_ref(g, "layer_graphs[].") for g in
+                      _get(data, "layer_graphs", list, "")],
+        head_graph=_file_ref(_get(data, "head_graph", dict, ""), "head_graph."),
+        templates=templates,
+        expert_store=_file_ref(_get(data, "expert_store", dict, ""), "expert_store."),
+        store_alignment=_get(data, "store_alignment", int, ""),
+        experts=experts,
+        tokenizer_file=data.get("tokenizer_file"),
+        chat_template=data.get("chat_template"),
+        bos_token_id=data.get("bos_token_id"),
+        eos_token_ids=list(data.get("eos_token_ids") or []),
+        generation=dict(data.get("generation") or {}),
+        created_by=str(data.get("created_by", "")),
+        format_version=version,
+    )
+    _check_consistency(manifest)
+    return manifest
+
+
+def _slot(s: Any, where: str) -> dict[str, Any]:
+    return {
+        "name": _get(s, "name", str, where + "tensors[]."),
+        "dtype": _get(s, "dtype", str, where + "tensors[]."),
+        "shape": _get(s, "shape", list, where + "tensors[]."),
+        "offset": _get(s, "offset", int, where + "tensors[]."),
+        "nbytes": _get(s, "nbytes", int, where + "tensors[]."),
+    }
+
+
+def _check_consistency(m: Manifest) -> None:
+    d = m.dims
+    if len(m.layer_graphs) != d.num_layers:
+        raise PackageError(f"manifest: {len(m.layer_graphs)} layer graphs for {d.num_layers} layers")
+    if not 0 < m.routing.top_k <= d.num_experts:
+        raise PackageError("manifest: routing.top_k must be between 1 and num_experts")
+    if len(m.rope.inv_freq) * 2 != d.head_dim:
+        raise PackageError("manifest: rope.inv_freq must have head_dim / 2 entries")
+    if m.store_alignment <= 0:
+        raise PackageError("manifest: store_alignment must be positive")
+    seen = set()
+    for e in m.experts:
+        key = (e.layer, e.expert)
+        if key in seen or not (0 <= e.layer < d.num_layers and 0 <= e.expert < d.num_experts):
+            raise PackageError(f"manifest: bad or duplicate expert entry {key}")
+        seen.add(key)
+        template = m.templates.get(e.template)
+        if template is None:
+            raise PackageError(f"manifest: expert {key} names unknown template {e.template!r}")
+        if e.length != template.block_bytes or e.offset % m.store_alignment or e.offset < 0:
+            raise PackageError(f"manifest: expert {key} has a bad offset or length")
+        if e.offset + e.length > m.expert_store.size:
+            raise PackageError(f"manifest: expert {key} lies past the end of the expert store")
+    if len(seen) != d.num_layers * d.num_experts:
+        raise PackageError(
+            f"manifest: {len(seen)} expert entries for {d.num_layers} layers x "
+            f"{d.num_experts} experts"
+        )
+    for tid, t in m.templates.items():
+        for s in t.tensors:
+            if s.offset < 0 or s.offset + s.nbytes > t.block_bytes:
+                raise PackageError(f"manifest: template {tid} tensor {s.name} lies outside its block")
+
+
+def resolve_inside(package: Path, relative: str) -> Path:
+    """`package / relative`, refusing anything that escapes the package folder."""
+    if os.path.isabs(relative):
+        raise PackageError(f"manifest: path {relative!r} is absolute; package paths are relative")
+    root = package.resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise PackageError(f"manifest: path {relative!r} escapes the package folder")
+    return path
+
+
+def _check_files(package: Path, m: Manifest) -> None:
+    refs = [m.embed_graph, *m.layer_graphs, m.head_graph, m.expert_store]
+    refs += [t.graph for t in m.templates.values()]
+    for ref in refs:
+        path = resolve_inside(package, ref.path)
+        if not path.is_file():
+            raise PackageError(f"{package}: missing file {ref.path} (re-export the package)")
+        size = path.stat().st_size
+        if size != ref.size:
+            raise PackageError(
+                f"{package}: {ref.path} is {size} bytes, the manifest says {ref.size} "
+                "(truncated or replaced; re-export the package)"
+            )
+    if m.tokenizer_file is not None:
+        path = resolve_inside(package, m.tokenizer_file)
+        if not path.is_file():
+            raise PackageError(f"{package}: missing file {m.tokenizer_file}")

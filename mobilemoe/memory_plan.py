@@ -1,0 +1,64 @@
+"""Where the memory budget goes, and the smallest budget a package can run in.
+
+budget = resident dense graphs (measured RSS after creating their sessions)
+       + KV cache (preallocated for the context length)
+       + activation buffers (the largest prefill chunk's intermediates, estimated)
+       + staging (an expert's bytes while it is being read and handed to ONNX Runtime)
+       + expert cache (the rest; at least one layer's top-k experts)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mobilemoe.errors import BudgetError
+from mobilemoe.manifest import ModelDims
+from mobilemoe.units import format_bytes
+
+FLOAT_BYTES = 4
+
+
+def kv_cache_bytes(dims: ModelDims, context_length: int) -> int:
+    return 2 * dims.num_layers * context_length * dims.num_kv_heads * dims.head_dim * FLOAT_BYTES
+
+
+def activation_bytes(dims: ModelDims, chunk: int, context_length: int) -> int:
+    """A generous estimate of the live intermediates while one prefill chunk runs."""
+    attention = 3 * dims.num_heads * chunk * context_length  # scores, masked, probabilities
+    hidden = 16 * chunk * dims.hidden_size  # residual stream, norms, q/k/v, outputs
+    experts = 4 * chunk * dims.intermediate_size * 2  # gate_up and its activations
+    logits = 2 * dims.vocab_size
+    return (attention + hidden + experts + logits) * FLOAT_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    dense_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    staging_bytes: int
+    expert_session_bytes: int  # one paged-in expert, as ONNX Runtime holds it
+    top_k: int
+    context_length: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.dense_bytes + self.kv_bytes + self.activation_bytes + self.staging_bytes
+
+    @property
+    def minimum_budget(self) -> int:
+        return self.fixed_bytes + self.top_k * self.expert_session_bytes
+
+    def expert_capacity(self, budget: int | None) -> int:
+        if budget is None:
+            return 1 << 62
+        if budget < self.minimum_budget:
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} is too small: this model needs at least "
+                f"{format_bytes(self.minimum_budget)} (dense part {format_bytes(self.dense_bytes)}"
+                f", KV cache {format_bytes(self.kv_bytes)} for {self.context_length} tokens, "
+                f"buffers {format_bytes(self.activation_bytes + self.staging_bytes)}, "
+                f"{self.top_k} experts x {format_bytes(self.expert_session_bytes)}); "
+                "raise --memory-budget or lower --context-length"
+            )
+        return budget - self.fixed_bytes

@@ -1,0 +1,70 @@
+"""How every ONNX Runtime session of the runtime is created.
+
+One process-wide intra-op thread pool (instead of one per session: 40 expert sessions would
+otherwise start 40 pools) and no memory arena (so an evicted expert's memory is freed, not
+kept by an arena for reuse).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+_global_threads: int | None = None
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def use_threads(threads: int) -> None:
+    """Set the process-wide thread pool size; ONNX Runtime allows this once per process."""
+    global _global_threads
+    if _global_threads is None:
+        set_sizes = getattr(ort.capi._pybind_state, "set_global_thread_pool_sizes", None)
+        if set_sizes is None:  # an ORT build without it: fall back to per-session pools
+            _global_threads = -threads
+            return
+        set_sizes(threads, 1)
+        _global_threads = threads
+    elif abs(_global_threads) != threads:
+        warnings.warn(
+            f"ONNX Runtime's thread pool was already created with {abs(_global_threads)} "
+            f"threads in this process; ignoring threads={threads}",
+            stacklevel=3,
+        )
+
+
+def session_options() -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if _global_threads is not None and _global_threads > 0:
+        so.use_per_session_threads = False
+    elif _global_threads is not None:
+        so.intra_op_num_threads = -_global_threads
+    so.enable_cpu_mem_arena = False
+    so.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    return so
+
+
+def create_session(model: str | bytes, options: ort.SessionOptions | None = None
+                   ) -> ort.InferenceSession:
+    return ort.InferenceSession(model, options or session_options(),
+                                providers=["CPUExecutionProvider"])
+
+
+def create_session_with_weights(template: bytes, names: Sequence[str],
+                                arrays: Sequence[np.ndarray]) -> ort.InferenceSession:
+    """A session of `template` whose external initializers are `arrays`.
+
+    The weights become initializers, so ONNX Runtime prepacks them for its fast kernels
+    (fed as inputs instead, MatMulNBits runs two orders of magnitude slower).
+    """
+    so = session_options()
+    so.add_external_initializers(list(names), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    return create_session(template, so)
