@@ -54,9 +54,14 @@ def mixtral_config(**overrides) -> MixtralConfig:
 
 
 def build_mixtral(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                  max_shard_size: str | None = None, fused: bool = False,
+                  max_shard_size: str | None = None, fused: bool = False, train_steps: int = 0,
                   **overrides) -> MixtralForCausalLM:
-    """Random Mixtral saved to `folder` as the hub does (or fused, as transformers 5 can)."""
+    """Random Mixtral saved to `folder` as the hub does (or fused, as transformers 5 can).
+
+    train_steps > 0 first fits it briefly to CORPUS: a random model's top logits are often
+    within quantization noise of each other, a trained one's are not, which is what a
+    token-for-token comparison of greedy generations needs.
+    """
     torch.manual_seed(seed)
     model = MixtralForCausalLM(mixtral_config(**overrides)).eval()
     # Larger-than-default weights so routing and logits are far from uniform.
@@ -64,10 +69,26 @@ def build_mixtral(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float3
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder, model.config.vocab_size)
+    if train_steps:
+        _fit(model, Tokenizer.from_file(str(folder / "tokenizer.json")), train_steps)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(folder, save_original_format=not fused, **kwargs)
-    write_tokenizer(folder, model.config.vocab_size)
     return model.float()
+
+
+def _fit(model: MixtralForCausalLM, tokenizer: Tokenizer, steps: int) -> None:
+    text = " ".join(CORPUS[:4])
+    ids = torch.tensor([[1] + tokenizer.encode(text).ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
 
 
 def load_reference(folder: Path) -> MixtralForCausalLM:
