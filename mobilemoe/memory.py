@@ -31,7 +31,19 @@ def rss() -> int:
 
 
 def max_rss() -> int:
-    """The highest RSS this process has had since it started, in bytes."""
+    """The highest RSS this process has had since it started, in bytes.
+
+    On Linux this is VmHWM, not getrusage's ru_maxrss: ru_maxrss survives fork + exec, so a
+    process started from a large parent (a test runner holding torch) would report the
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -28,6 +28,7 @@ from mobilemoe.ort_sessions import (
     create_session_with_weights,
     default_threads,
     use_threads,
+    warm_up,
 )
 from mobilemoe.routing import route
 from mobilemoe.sampling import sample
@@ -93,6 +94,7 @@ class MoEModel:
         if self.context_length <= 0:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         use_threads(threads or default_threads())
+        warm_up()
 
         release_freed_memory()
         self._baseline_rss = rss()

@@ -41,6 +41,29 @@ def use_threads(threads: int) -> None:
         )
 
 
+_WARMED_UP = False
+
+
+def warm_up() -> None:
+    """Create one trivial session, once per process.
+
+    ONNX Runtime allocates its environment, thread pool and kernel registry with the first
+    session. That memory belongs to the process baseline, not to the first model loaded, so
+    it must be there before the baseline is measured.
+    """
+    global _WARMED_UP
+    if not _WARMED_UP:
+        create_session(_IDENTITY_MODEL).run(None, {"x": np.zeros(1, np.float32)})
+        _WARMED_UP = True
+
+
+# `y = Identity(x)`, serialized here so that the runtime does not depend on `onnx`.
+_IDENTITY_MODEL = bytes.fromhex(
+    "08083a370a100a017812017922084964656e746974791201675a0f0a0178120a0a08080112040a020801"
+    "620f0a0179120a0a08080112040a02080142040a001011"
+)  # onnx.helper: graph "g", Identity(x) -> y, float [1], opset 17, IR 8
+
+
 def session_options() -> ort.SessionOptions:
     so = ort.SessionOptions()
     if _global_threads is not None and _global_threads > 0:

@@ -1,0 +1,103 @@
+"""Paging is lossless, and the process stays within its memory budget."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from checkpoints import build_mixtral
+
+import mobilemoe
+from mobilemoe.export import export_model
+
+PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
+
+
+class RecordingLRU(mobilemoe.LRUPolicy):
+    """LRU that remembers what it evicted (the policy interface at work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.evicted = []
+
+    def removed(self, key):
+        super().removed(key)
+        self.evicted.append(key)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    build_mixtral(root / "ckpt", num_local_experts=8, num_hidden_layers=3)
+    return export_model(root / "ckpt", root / "pkg", progress=False)
+
+
+def test_evictions_in_every_layer_give_bit_identical_logits(package):
+    resident = mobilemoe.load(package)
+    expected = resident.logits(PROMPT)
+    assert resident.stats.evictions == 0
+
+    policy = RecordingLRU()
+    # The minimum holds exactly one layer's top-k experts: every layer must evict.
+    tight = mobilemoe.load(package, memory_budget=resident.plan.minimum_budget, policy=policy)
+    assert np.array_equal(tight.logits(PROMPT), expected)
+    assert np.array_equal(tight.logits(PROMPT), expected)  # again, from a cache left by the last run
+    stats = tight.stats
+    assert stats.evictions > 0 and stats.misses >= resident.stats.misses
+    assert {layer for layer, _ in policy.evicted} == set(range(tight.dims.num_layers))
+    assert stats.expert_cache_bytes <= stats.expert_cache_capacity
+
+
+def test_generation_under_a_tight_budget_is_identical(package):
+    resident = mobilemoe.load(package)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.minimum_budget)
+    a = [t.token_id for t in resident.generate(PROMPT[:6], max_new_tokens=12)]
+    b = [t.token_id for t in tight.generate(PROMPT[:6], max_new_tokens=12)]
+    assert a == b
+    assert tight.stats.evictions > 0
+    assert tight.stats.hits + tight.stats.misses > 0
+
+
+def test_budget_strings_are_accepted(package):
+    minimum = mobilemoe.load(package).plan.minimum_budget
+    model = mobilemoe.load(package, memory_budget=f"{minimum / 1e6 + 1:.3f}MB")
+    assert model.memory_budget >= minimum
+    assert model.stats.memory_budget == model.memory_budget
+
+
+RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    import mobilemoe
+    from mobilemoe.memory import max_rss
+    model = mobilemoe.load(sys.argv[1], memory_budget=int(sys.argv[2]), threads=2)
+    ids = list(range(3, 3 + 96))
+    model.logits(ids)
+    list(model.generate(ids[:8], max_new_tokens=24))
+    s = model.stats
+    print(json.dumps({"baseline": s.baseline_rss, "max_rss": max_rss(), "evictions": s.evictions,
+                      "peak_sampled": s.peak_rss, "expert_bytes": model.manifest.expert_bytes(),
+                      "minimum": model.plan.minimum_budget}))
+""")
+
+
+def test_peak_rss_minus_baseline_stays_under_the_budget(tmp_path):
+    # Tens of MB of experts: 4 layers x 8 experts x (3 x 512 x 1408) weights at int4.
+    build_mixtral(tmp_path / "ckpt", hidden_size=512, intermediate_size=1408,
+                  num_hidden_layers=4, num_local_experts=8, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    package = export_model(tmp_path / "ckpt", tmp_path / "pkg", progress=False)
+    expert_bytes = sum(e.length for e in mobilemoe.manifest.Manifest.load(package).experts)
+    assert expert_bytes > 30e6
+    probe = tmp_path / "probe.py"
+    probe.write_text(RSS_PROBE)
+    # First run: learn the minimum; then run with a budget holding ~1/3 of the experts.
+    first = json.loads(subprocess.run([sys.executable, str(probe), str(package), str(1 << 40)],
+                                      capture_output=True, text=True, check=True).stdout)
+    budget = first["minimum"] + expert_bytes // 3
+    out = subprocess.run([sys.executable, str(probe), str(package), str(budget)],
+                         capture_output=True, text=True, check=True).stdout
+    run = json.loads(out)
+    assert run["evictions"] > 0
+    assert run["max_rss"] - run["baseline"] <= budget, run
