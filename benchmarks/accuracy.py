@@ -16,9 +16,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import build_mixtral, dequantized_reference, load_reference, reference_logits  # noqa: E402
+from mobilemoe.export import export_model  # noqa: E402
 
 import mobilemoe  # noqa: E402
-from mobilemoe.export import export_model  # noqa: E402
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3, 45, 201, 18, 66]
 

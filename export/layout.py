@@ -38,7 +38,8 @@ def config_value(spec: ArchitectureSpec, config: dict, field: str, default=None)
             return config[key]
     if default is not None:
         return default
-    raise ExportError(f"config.json has no {field} (looked for {spec.config_fields.get(field) or DEFAULT_CONFIG_FIELDS.get(field)})")
+    names = spec.config_fields.get(field) or DEFAULT_CONFIG_FIELDS.get(field)
+    raise ExportError(f"config.json has no {field} (looked for {', '.join(names or [field])})")
 
 
 def model_dims(spec: ArchitectureSpec, config: dict) -> ModelDims:

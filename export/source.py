@@ -48,7 +48,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
             "(HF_HUB_OFFLINE=1 or no network); download it once while online"
         ) from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ExportError(f"{repo_id}: not found on the hub or not accessible ({e.__class__.__name__})") from None
+        raise ExportError(
+            f"{repo_id}: not found on the hub or not accessible ({e.__class__.__name__})"
+        ) from None
     except HfHubHTTPError as e:
         raise ExportError(f"{repo_id}: hub request failed: {str(e).splitlines()[0]}") from None
 

@@ -8,9 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 from checkpoints import build_mixtral
+from mobilemoe.export import export_model
 
 import mobilemoe
-from mobilemoe.export import export_model
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
 

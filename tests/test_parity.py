@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import (
-    build_mixtral, dequantized_reference, load_reference, mixtral_config, reference_logits,
+    build_mixtral,
+    dequantized_reference,
+    load_reference,
+    mixtral_config,
+    reference_logits,
 )
+from mobilemoe.export import export_model
 
 import mobilemoe
-from mobilemoe.export import export_model
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8]
 
