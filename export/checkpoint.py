@@ -69,6 +69,16 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process: a read-only file mapping keeps every page
+        it touched resident (and counted in RSS) until unmapped, which would make the
+        exporter's memory grow to the size of the checkpoint."""
+        begin, end = self.entries[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        if self._map is not None and end > begin and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+
     def raw(self, name: str) -> np.ndarray:
         entry = self.entries[name]
         dtype = entry["dtype"]
@@ -133,7 +143,10 @@ class Checkpoint:
         raw = self.raw(name)
         if index is not None:
             raw = raw[index]
-        return _to_float32(raw, self._where[name].dtype(name))
+        converted = _to_float32(raw, self._where[name].dtype(name))  # always a copy
+        del raw
+        self._where[name].release(name)
+        return converted
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

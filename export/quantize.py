@@ -33,6 +33,9 @@ class QuantizedLinear:
         return self.qweight.nbytes + self.scales.nbytes
 
 
+ROWS_PER_CHUNK = 1024  # bounds the float temporaries to a few MB whatever the matrix size
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> QuantizedLinear:
     """Quantize a float32 [N, K] weight for MatMulNBits (see the module docstring)."""
     if bits not in (4, 8):
@@ -41,6 +44,18 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> Quanti
         raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
     n, k = weight.shape
     k_blocks = -(-k // block_size)
+    qweight = np.empty((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    for begin in range(0, n, ROWS_PER_CHUNK):
+        rows = slice(begin, min(n, begin + ROWS_PER_CHUNK))
+        qweight[rows], scales[rows] = _quantize_rows(weight[rows], bits, block_size, k_blocks)
+    return QuantizedLinear(qweight=qweight, scales=scales.reshape(-1), bits=bits,
+                           block_size=block_size, in_features=k)
+
+
+def _quantize_rows(weight: np.ndarray, bits: int, block_size: int,
+                   k_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    n, k = weight.shape
     padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
     padded[:, :k] = weight
     blocks = padded.reshape(n, k_blocks, block_size)  # [N, K_blocks, block]
@@ -51,13 +66,7 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> Quanti
     q = (q + (1 << (bits - 1))).astype(np.uint8)
     if bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return QuantizedLinear(
-        qweight=np.ascontiguousarray(q),
-        scales=scales.astype(np.float32).reshape(-1),
-        bits=bits,
-        block_size=block_size,
-        in_features=k,
-    )
+    return q, scales
 
 
 def dequantize_blockwise(q: QuantizedLinear) -> np.ndarray:

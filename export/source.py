@@ -26,18 +26,17 @@ def resolve_checkpoint(src: str | Path, revision: str | None = None) -> Path:
 
 def _download(repo_id: str, revision: str | None) -> Path:
     try:
-        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import HfApi, constants, snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
             HfHubHTTPError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
         )
-        from huggingface_hub.utils import is_offline_mode
     except ImportError:
         raise ExportError("hub ids need huggingface-hub: pip install 'mobilemoe[export]'") from None
     try:
-        if not is_offline_mode():
+        if not constants.is_offline_mode():
             files = HfApi().list_repo_files(repo_id, revision=revision)
             if not any(f.endswith(".safetensors") for f in files):
                 _refuse_pickle(repo_id, files)

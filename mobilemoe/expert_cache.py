@@ -113,8 +113,8 @@ class ExpertCache:
             release_freed_memory()
 
     def _remove(self, key: Key) -> None:
+        self.policy.removed(key)  # policy first: an interrupt between the two stays consistent
         entry = self._entries.pop(key)
-        self.policy.removed(key)
         self.stats.resident_bytes -= entry.held_bytes
         self.stats.evictions += 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from mobilemoe.errors import PackageError
 
+ROUTER_SCORINGS = ("softmax",)
+TENSOR_DTYPES = {"uint8": 1, "int8": 1, "float16": 2, "float32": 4}  # name -> itemsize
 FORMAT_NAME = "mobilemoe"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -213,7 +216,7 @@ def _parse(data: Any) -> Manifest:
         hf_architecture=_get(data, "hf_architecture", str, ""),
         dims=dims,
         routing=Routing(**_fields(Routing, _get(data, "routing", dict, ""), "routing.")),
-        rope=Rope(**_fields(Rope, _get(data, "rope", dict, ""), "rope.")),
+        rope=_rope(_get(data, "rope", dict, "")),
         quantization=Quantization(
             **_fields(Quantization, _get(data, "quantization", dict, ""), "quantization.")
         ),
@@ -225,16 +228,34 @@ def _parse(data: Any) -> Manifest:
         expert_store=_file_ref(_get(data, "expert_store", dict, ""), "expert_store."),
         store_alignment=_get(data, "store_alignment", int, ""),
         experts=experts,
-        tokenizer_file=data.get("tokenizer_file"),
-        chat_template=data.get("chat_template"),
-        bos_token_id=data.get("bos_token_id"),
-        eos_token_ids=list(data.get("eos_token_ids") or []),
-        generation=dict(data.get("generation") or {}),
-        created_by=str(data.get("created_by", "")),
+        tokenizer_file=_optional(data, "tokenizer_file", str),
+        chat_template=_optional(data, "chat_template", str),
+        bos_token_id=_optional(data, "bos_token_id", int),
+        eos_token_ids=_int_list(_optional(data, "eos_token_ids", list) or [], "eos_token_ids"),
+        generation=_optional(data, "generation", dict) or {},
+        created_by=_optional(data, "created_by", str) or "",
         format_version=version,
     )
     _check_consistency(manifest)
     return manifest
+
+
+def _rope(data: dict) -> Rope:
+    fields = _fields(Rope, data, "rope.")
+    values = fields["inv_freq"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise PackageError("manifest: rope.inv_freq must be a list of numbers")
+    return Rope(inv_freq=[float(v) for v in values], attention_scaling=fields["attention_scaling"])
+
+
+def _optional(data: dict, key: str, kind: type) -> Any:
+    return None if data.get(key) is None else _get(data, key, kind, "")
+
+
+def _int_list(values: list, where: str) -> list[int]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise PackageError(f"manifest: field {where} must be a list of integers")
+    return values
 
 
 def _slot(s: Any, where: str) -> dict[str, Any]:
@@ -275,8 +296,18 @@ def _check_consistency(m: Manifest) -> None:
             f"manifest: {len(seen)} expert entries for {d.num_layers} layers x "
             f"{d.num_experts} experts"
         )
+    if m.routing.scoring not in ROUTER_SCORINGS:
+        raise PackageError(f"manifest: routing.scoring {m.routing.scoring!r} is not one of "
+                           f"{', '.join(ROUTER_SCORINGS)}")
     for tid, t in m.templates.items():
         for s in t.tensors:
+            if s.dtype not in TENSOR_DTYPES:
+                raise PackageError(f"manifest: template {tid} tensor {s.name} has dtype "
+                                   f"{s.dtype!r}; expected one of {', '.join(TENSOR_DTYPES)}")
+            shape_ok = all(isinstance(n, int) and n > 0 for n in s.shape)
+            if not shape_ok or math.prod(s.shape) * TENSOR_DTYPES[s.dtype] != s.nbytes:
+                raise PackageError(f"manifest: template {tid} tensor {s.name}: shape {s.shape} "
+                                   f"does not make {s.nbytes} bytes of {s.dtype}")
             if s.offset < 0 or s.offset + s.nbytes > t.block_bytes:
                 raise PackageError(f"manifest: template {tid} tensor {s.name} lies outside its block")
 

@@ -69,6 +69,16 @@ class Stats:
         return asdict(self)
 
 
+# Sizes measured from RSS, per graph checksum, kept for the life of the process: a later load
+# of the same package then plans with the same numbers (the first measurement is the
+# largest, as it also pays for ONNX Runtime's lazy initialisation).
+_MEASURED: dict[str, int] = {}
+
+
+def _remember(key: str, measured: int) -> int:
+    return _MEASURED.setdefault(key, measured)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: [layers, context, kv_heads, head_dim]."""
 
@@ -102,24 +112,6 @@ class MoEModel:
         kv_bytes = kv_cache_bytes(d, self.context_length)
         buffers = activation_bytes(d, PREFILL_CHUNK, self.context_length)
         largest_block = max(t.block_bytes for t in m.templates.values())
-        # Fail at once, before building anything, if even the bytes on disk cannot fit.
-        if self.memory_budget is not None:
-            MemoryPlan(m.dense_bytes(), kv_bytes, buffers, 2 * largest_block, largest_block,
-                       d.top_k, self.context_length).expert_capacity(self.memory_budget)
-
-        self._embed = create_session(self._read_graph(m.embed_graph))
-        self._layers = [create_session(self._read_graph(g)) for g in m.layer_graphs]
-        self._head = create_session(self._read_graph(m.head_graph))
-        release_freed_memory()
-        dense_bytes = max(rss() - self._baseline_rss, m.dense_bytes())
-
-        self._store = ExpertStore(self.package, m)
-        self._templates = {tid: self._read_graph(t.graph) for tid, t in m.templates.items()}
-        self._held = {tid: self._calibrate(tid) for tid in m.templates}
-        self.plan = MemoryPlan(dense_bytes, kv_bytes, buffers, 2 * largest_block,
-                               max(self._held.values()), d.top_k, self.context_length)
-        capacity = self.plan.expert_capacity(self.memory_budget)
-        self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity, policy)
 
         self._kv = KVCache(d.num_layers, self.context_length, d.num_kv_heads, d.head_dim)
         self._tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
@@ -131,6 +123,29 @@ class MoEModel:
         if m.tokenizer_file:
             self.codec = TextCodec(resolve_inside(self.package, m.tokenizer_file),
                                    m.chat_template, m.bos_token_id, m.eos_token_ids)
+        # The budget is checked against measured sizes (the only honest minimum), right
+        # after the dense sessions and one expert template are built, before anything runs.
+        self._embed = create_session(self._read_graph(m.embed_graph))
+        self._layers = [create_session(self._read_graph(g)) for g in m.layer_graphs]
+        self._head = create_session(self._read_graph(m.head_graph))
+        self._warm_up_dense()
+        release_freed_memory()
+        dense_key = "dense:" + "".join(g.sha256 or "" for g in
+                                       [m.embed_graph, *m.layer_graphs, m.head_graph])
+        dense_bytes = _remember(dense_key, max(rss() - self._baseline_rss, m.dense_bytes()))
+
+        self._store = ExpertStore(self.package, m)
+        try:
+            self._templates = {tid: self._read_graph(t.graph) for tid, t in m.templates.items()}
+            self._held = {tid: self._calibrate(tid) for tid in m.templates}
+        except BaseException:
+            self._store.close()
+            raise
+        self.plan = MemoryPlan(dense_bytes, kv_bytes, buffers, 2 * largest_block,
+                               max(self._held.values()), d.top_k, self.context_length)
+        capacity = self.plan.expert_capacity(self.memory_budget)
+        self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity, policy)
+
         self._sample_rss()
 
     # -- loading ----------------------------------------------------------------------------
@@ -141,6 +156,18 @@ class MoEModel:
             raise PackageError(f"{self.package}: {ref.path} does not match its checksum "
                                "(corrupt or modified; re-export the package)")
         return data
+
+    def _warm_up_dense(self) -> None:
+        """One token through every dense graph (no experts, KV cache untouched): a session's
+        first run allocates what later runs reuse, and that belongs to the measured dense part."""
+        d = self.dims
+        hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
+        empty = np.zeros((0, d.num_kv_heads, d.head_dim), np.float32)
+        feeds = {"cos": self._cos[:1], "sin": self._sin[:1], "mask": np.zeros((1, 1), np.float32),
+                 "past_key": empty, "past_value": empty}
+        for session in self._layers:
+            hidden = session.run(None, {**feeds, "hidden": hidden})[0]
+        self._head.run(None, {"hidden": hidden})
 
     def _expert_session(self, layer: int, expert: int):
         arrays = self._store.read(layer, expert)
@@ -153,6 +180,9 @@ class MoEModel:
     def _calibrate(self, template: str) -> int:
         """Bytes one expert session of `template` holds, measured: ONNX Runtime prepacks the
         weights into its own layout, which for int4 is larger than the bytes on disk."""
+        key = f"template:{self.manifest.templates[template].graph.sha256}"
+        if key in _MEASURED:
+            return _MEASURED[key]
         block = self.manifest.templates[template].block_bytes
         keys = [(e.layer, e.expert) for e in self.manifest.experts if e.template == template]
         keys = keys[: max(1, min(16, CALIBRATION_BYTES // block))]
@@ -163,7 +193,7 @@ class MoEModel:
         measured = (rss() - before) // len(sessions)
         del sessions
         release_freed_memory()
-        return max(measured, block)
+        return _remember(key, max(measured, block))
 
     def _held_bytes(self, key: tuple[int, int]) -> int:
         return self._held[self._template_of(*key)]
@@ -181,14 +211,20 @@ class MoEModel:
     def _moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray) -> np.ndarray:
         """x [T, H] -> sum over each token's chosen experts of weight * expert(x)."""
         experts, weights = route(router_logits, self.manifest.routing)  # [T, k] each
+        needed = [int(e) for e in np.unique(experts)]
+        # Run the cached experts first (a miss may evict one this layer still needs), but
+        # add the outputs up in expert order: the sum must not depend on the cache.
+        cached_first = sorted(needed, key=lambda e: (layer, e) not in self._cache)
+        outputs = {}
+        for expert in cached_first:
+            rows = np.nonzero((experts == expert).any(axis=1))[0]  # tokens routed here
+            session = self._cache.get((layer, expert))
+            outputs[expert] = rows, session.run(None, {"x": x[rows]})[0]  # [n, H]
         out = np.zeros_like(x)
-        needed = np.unique(experts)  # ascending: the same order whatever the cache holds
-        keep = {(layer, int(e)) for e in needed}
         for expert in needed:
-            rows, slot = np.nonzero(experts == expert)  # tokens routed here, and at which rank
-            session = self._cache.get((layer, int(expert)), keep)
-            y = session.run(None, {"x": x[rows]})[0]  # [n, H]
-            out[rows] += weights[rows, slot, None] * y
+            rows, y = outputs[expert]
+            weight = (weights[rows] * (experts[rows] == expert)).sum(axis=1)  # [n]
+            out[rows] += weight[:, None] * y
         return out
 
     def _forward(self, ids: list[int], want: str) -> np.ndarray:
@@ -252,10 +288,13 @@ class MoEModel:
         return codec.encode(codec.render_chat(messages), add_special_tokens=False)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | tuple[str, ...] = ()
-                 ) -> Iterator[Generated]:
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 stop: list[str] | tuple[str, ...] = ()) -> Iterator[Generated]:
         """Yield tokens as they are produced (greedy at temperature 0).
+
+        Sampling settings left as None take the package's defaults (its
+        generation_config.json: greedy unless it sets do_sample).
 
         Generation stops at an end-of-sequence token, after `max_new_tokens`, or when the
         text contains one of `stop` (that token's text is cut before the stop string). If the
@@ -266,6 +305,7 @@ class MoEModel:
         if not ids:
             raise MobileMoEError("the prompt is empty")
         self._check_ids(ids)
+        temperature, top_k, top_p = self._sampling_defaults(temperature, top_k, top_p)
         rng = np.random.default_rng(seed)
         logits = self._prefill_reusing_cache(ids)
         decoder = StreamDecoder(self.codec) if self.codec else None
@@ -283,6 +323,18 @@ class MoEModel:
                     return
             yield Generated(token, text)
             logits = self._forward([token], "last")
+
+    def _sampling_defaults(self, temperature: float | None, top_k: int | None,
+                           top_p: float | None) -> tuple[float, int, float]:
+        gen = self.manifest.generation
+        sampling = bool(gen.get("do_sample"))
+        if temperature is None:
+            temperature = float(gen.get("temperature", 1.0)) if sampling else 0.0
+        if top_k is None:
+            top_k = int(gen.get("top_k", 0)) if sampling else 0
+        if top_p is None:
+            top_p = float(gen.get("top_p", 1.0)) if sampling else 1.0
+        return temperature, top_k, top_p
 
     def _prefill_reusing_cache(self, ids: list[int]) -> np.ndarray:
         common = 0

@@ -9,7 +9,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from mobilemoe.errors import MobileMoEError
+from mobilemoe.errors import MobileMoEError, PackageError
 
 
 def _token_text(value) -> str | None:
@@ -21,9 +21,17 @@ def _token_text(value) -> str | None:
 class TextCodec:
     def __init__(self, tokenizer_path: Path, chat_template: str | None, bos_id: int | None,
                  eos_ids: list[int]):
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise PackageError(f"{tokenizer_path}: cannot read the tokenizer ({e})") from None
         config_path = tokenizer_path.parent / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PackageError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise PackageError(f"{config_path}: not a JSON object")
         self.chat_template = chat_template
         self.bos_token = _token_text(config.get("bos_token")) or (
             self.tokenizer.id_to_token(bos_id) if bos_id is not None else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from mobilemoe.errors import MobileMoEError
@@ -36,11 +37,15 @@ def parse_bytes(value: int | float | str) -> int:
     return size
 
 
-def format_bytes(size: int | float) -> str:
-    """Human-readable size in decimal units, e.g. 1.50 GB."""
+def format_bytes(size: int | float, round_up: bool = False) -> str:
+    """Human-readable size in decimal units, e.g. 1.50 GB. round_up: never print less than
+    `size` (for a minimum that must be enough when typed back in)."""
     size = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{math.ceil(size) if round_up else round(size)} B"
+            shown = math.ceil(size * 100) / 100 if round_up else size
+            return f"{shown:.2f} {unit}"
         size /= 1000
-    return f"{size:.2f} TB"
+    raise AssertionError("unreachable")

@@ -1,13 +1,16 @@
 """Blockwise quantization: the layout MatMulNBits reads, checked against ONNX Runtime itself."""
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from mobilemoe.export.quantize import (
+    dequantize_blockwise,
+    dequantize_rows,
+    quantize_blockwise,
+    quantize_rows_int8,
+)
 from onnx import TensorProto, helper, numpy_helper
 
-from mobilemoe.export.quantize import (
-    dequantize_blockwise, dequantize_rows, quantize_blockwise, quantize_rows_int8,
-)
+from mobilemoe.ort_sessions import create_session
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -26,7 +29,9 @@ def test_matmulnbits_computes_with_the_dequantized_weight(bits, shape):
                      numpy_helper.from_array(q.scales, "scales")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    # mobilemoe's session options: once a model is loaded in this process, ONNX Runtime's
+    # global thread pool requires every session to opt out of per-session threads.
+    y = create_session(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ dequantize_blockwise(q).T, rtol=1e-5, atol=1e-5)
 
 
