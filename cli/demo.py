@@ -1,0 +1,179 @@
+"""`mobilemoe demo`: the whole pipeline on a small Mixtral, with experts paged under a budget.
+
+1. checkpoint: the trained demo model shipped in `mobilemoe/demo_model/` if installed, else
+   a random Mixtral written by `mobilemoe.export.synthetic` (numpy only)
+2. export to int4 (cached: skipped when the package is there and made from the same source)
+3. budget: unless given, the measured minimum plus a third of all experts, so the expert
+   cache cannot hold every expert and must evict
+4. generate, streaming
+5. cache statistics and peak memory against the budget
+
+Only the runtime and the `[export]` extra are used: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.resources
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import mobilemoe
+from mobilemoe.errors import MobileMoEError, PackageError
+from mobilemoe.manifest import Manifest
+from mobilemoe.units import parse_bytes
+
+from .format import (
+    folder_bytes,
+    format_bytes,
+    megabytes,
+    print_rows,
+    stats_rows,
+    stream,
+    terminal_safe,
+)
+
+DEMO_CONTEXT = 512  # plenty for a 60-token demo; keeps the KV cache and buffers small
+EXPORT_SETTINGS = dict(bits=4, dense_bits=8, block_size=32, accuracy_level=4)
+GENERATION = dict(temperature=0.8, top_p=0.95, seed=0)  # varied text, same every run
+
+
+def _step(number: int, text: str) -> None:
+    sys.stdout.write(f"\n[{number}/5] {text}\n")
+    sys.stdout.flush()
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(f"      {text}\n")
+    sys.stdout.flush()
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    """What the package was made from: config, weight file names and sizes, export settings."""
+    h = hashlib.sha256(repr(sorted(EXPORT_SETTINGS.items())).encode())
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".json" or path.name.startswith("tokenizer"):
+            h.update(path.name.encode() + path.read_bytes())
+        elif path.suffix == ".safetensors":
+            h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _get_checkpoint(out: Path, stack: ExitStack) -> tuple[Path, str, bool]:
+    """(checkpoint folder, package name, trained?)"""
+    shipped = importlib.resources.files("mobilemoe") / "demo_model"
+    if shipped.joinpath("config.json").is_file():
+        folder = stack.enter_context(importlib.resources.as_file(shipped))
+        _say(f"trained demo model: {folder}")
+        return folder, "demo-model.mmoe", True
+    folder = out / "random-mixtral"
+    if (folder / "config.json").is_file():
+        _say(f"random Mixtral (cached): {folder}")
+    else:
+        from mobilemoe.export.synthetic import write_random_mixtral
+
+        start = time.perf_counter()
+        write_random_mixtral(folder)
+        _say(f"no trained demo model installed; wrote a random Mixtral to {folder} "
+             f"({format_bytes(folder_bytes(folder))}, {time.perf_counter() - start:.1f} s)")
+    _say("random weights: the text will be gibberish, the paging is real")
+    return folder, "random-mixtral.mmoe", False
+
+
+def _get_package(checkpoint: Path, package: Path) -> None:
+    marker = package.parent / f".{package.name}.source"
+    fingerprint = _fingerprint(checkpoint)
+    try:
+        Manifest.load(package)
+        cached = marker.is_file() and marker.read_text().strip() == fingerprint
+    except PackageError:
+        cached = False
+    if cached:
+        _say(f"cached: {package} ({format_bytes(folder_bytes(package))})")
+        return
+    from mobilemoe.export import export_model
+
+    start = time.perf_counter()
+    export_model(checkpoint, package, overwrite=True, progress=sys.stderr.isatty(),
+                 **EXPORT_SETTINGS)
+    marker.write_text(fingerprint + "\n")
+    _say(f"exported to {package} ({format_bytes(folder_bytes(package))}, "
+         f"{time.perf_counter() - start:.1f} s)")
+
+
+def _paging_budget(package: Path, threads: int | None, context_length: int) -> int:
+    """The measured minimum budget plus a third of all experts.
+
+    Measured with no budget after a warm-up load: the first load in a process also pays
+    ONNX Runtime's one-time set-up (a few MB), which stays in the process, so the numbers
+    the budgeted load will see are those of a warm process. The cache then holds the top-k
+    experts the minimum needs plus about a third of the others: far from all of them.
+    """
+    for _ in range(2):
+        with mobilemoe.load(package, threads=threads, context_length=context_length) as model:
+            plan, dims = model.plan, model.dims
+        del model
+        gc.collect()
+    others = dims.num_layers * dims.num_experts - plan.top_k
+    return plan.minimum_budget + others * plan.expert_session_bytes // 3
+
+
+def run_demo(out: Path, memory_budget: str | None = None, prompt: str = "Once upon a time",
+             max_tokens: int = 60, threads: int | None = None,
+             context_length: int | None = None) -> None:
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        _step(1, "checkpoint")
+        checkpoint, name, _ = _get_checkpoint(out, stack)
+        _step(2, "export to int4")
+        package = out / name
+        _get_package(checkpoint, package)
+
+    _step(3, "memory budget")
+    manifest = Manifest.load(package)
+    d = manifest.dims
+    context = context_length or min(DEMO_CONTEXT, d.max_position_embeddings)
+    if memory_budget is None:
+        budget = _paging_budget(package, threads, context)
+        how = "measured minimum + 1/3 of the experts"
+    else:
+        budget, how = parse_bytes(memory_budget), "--memory-budget"
+    model = mobilemoe.load(package, memory_budget=budget, threads=threads,
+                           context_length=context)
+    plan, total = model.plan, d.num_layers * d.num_experts
+    fits = min(total, model.stats.expert_cache_capacity // plan.expert_session_bytes)
+    _say(f"budget {megabytes(budget)} ({how}); minimum {megabytes(plan.minimum_budget)}")
+    _say(f"expert cache: {megabytes(model.stats.expert_cache_capacity)} = {fits} of {total} "
+         f"experts ({d.num_layers} layers x {d.num_experts}, top-{d.top_k}, "
+         f"{megabytes(plan.expert_session_bytes)} each in memory)")
+
+    _step(4, f"generate {max_tokens} tokens")
+    sys.stdout.write(terminal_safe(prompt, sys.stdout.isatty()))
+    sys.stdout.flush()
+    start = time.perf_counter()
+    _, count, interrupted = stream(model.generate(prompt, max_new_tokens=max_tokens,
+                                                  **GENERATION))
+    seconds = time.perf_counter() - start
+    sys.stdout.write(" [interrupted]\n" if interrupted else "\n")
+
+    _step(5, "statistics")
+    stats = model.stats
+    rows = [("tokens", f"{count} in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s, "
+                       "prompt included)")]
+    rows += stats_rows(stats)
+    print_rows(rows)
+    model.close()
+    if stats.evictions == 0:
+        _say("no evictions: the budget held every expert the text needed "
+             "(try a smaller --memory-budget)")
+    else:
+        _say(f"{stats.misses} page-ins and {stats.evictions} evictions kept the experts within "
+             f"{megabytes(stats.expert_cache_capacity)}")
+    if stats.peak_rss - stats.baseline_rss > budget:
+        raise MobileMoEError(
+            f"peak memory {megabytes(stats.peak_rss - stats.baseline_rss)} exceeded the budget "
+            f"{megabytes(budget)}")

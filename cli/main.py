@@ -1,0 +1,230 @@
+"""The `mobilemoe` command: export, run, chat, inspect, demo.
+
+Each command parses its options, calls the library with the same keyword arguments, and
+prints. `main()` is the console-script entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import mobilemoe
+from mobilemoe.errors import MobileMoEError
+
+from .format import (
+    fail,
+    folder_bytes,
+    format_bytes,
+    one_line,
+    print_stats,
+    stream,
+    user_errors,
+)
+from .inspection import inspect_model, print_inspection
+
+app = typer.Typer(
+    name="mobilemoe",
+    help="Run quantized Mixture-of-Experts models under a hard memory budget.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Options shared by every command that loads a package.
+MemoryBudget = Annotated[str | None, typer.Option(
+    "--memory-budget", "-m", metavar="SIZE",
+    help="Most memory the model may use, e.g. 512MB or 2GiB (default: no limit).")]
+Threads = Annotated[int | None, typer.Option(
+    min=1, help="Compute threads (default: physical cores).")]
+ContextLength = Annotated[int | None, typer.Option(
+    "--context-length", "-c", min=1,
+    help="Tokens the KV cache holds (default: the model's, at most 4096).")]
+Package = Annotated[str, typer.Argument(help="A mobilemoe package folder.", metavar="PACKAGE",
+                                         show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mobilemoe {mobilemoe.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Run quantized Mixture-of-Experts models under a hard memory budget."""
+
+
+def _load(package: str, memory_budget: str | None, threads: int | None,
+          context_length: int | None) -> mobilemoe.MoEModel:
+    return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
+                          context_length=context_length)
+
+
+def _exporter():
+    """`mobilemoe.export.export_model`, or a clear error if the `[export]` extra is missing."""
+    try:
+        from mobilemoe.export import export_model
+    except ImportError as e:
+        fail(f"exporting needs the exporter's dependencies ({e.name or e} is missing): "
+             "pip install 'mobilemoe[export]'")
+    return export_model
+
+
+@app.command()
+def export(
+    src: Annotated[str, typer.Argument(help="Checkpoint folder or Hugging Face hub id.",
+                                       metavar="SRC", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help="Package folder to write.",
+                                      show_default=False)],
+    bits: Annotated[int, typer.Option(help="Expert weight bits: 4 or 8.")] = 4,
+    dense_bits: Annotated[int, typer.Option(help="Attention / LM head bits: 8 or 4.")] = 8,
+    block_size: Annotated[int, typer.Option(help="Quantization block size.")] = 32,
+    accuracy_level: Annotated[int, typer.Option(
+        help="MatMulNBits compute: 4 = int8 activations (fastest), 1 = float32.")] = 4,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit).")
+                        ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing package.")] = False,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal).",
+        show_default=False)] = None,
+) -> None:
+    """Export a Hugging Face MoE checkpoint to a mobilemoe package."""
+    export_model = _exporter()
+    start = time.perf_counter()
+    with user_errors():
+        path = export_model(src, out, bits=bits, dense_bits=dense_bits, block_size=block_size,
+                            accuracy_level=accuracy_level, revision=revision,
+                            overwrite=overwrite,
+                            progress=sys.stderr.isatty() if progress is None else progress)
+    typer.echo(f"exported {src} -> {path} ({format_bytes(folder_bytes(path))}, "
+               f"{time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
+def run(
+    package: Package,
+    prompt: Annotated[str, typer.Argument(help="Prompt text ('-' reads stdin).",
+                                          metavar="PROMPT", show_default=False)],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0,
+                                            help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", "-t", min=0.0,
+        help="0 = greedy. Default: the model's generation_config (greedy if it does not sample).",
+        show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option(
+        min=0, help="Sample from the k likeliest (0 = all).", show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        help="Stop when the text contains this (repeatable).")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Cache statistics on stderr at the end.")
+                     ] = False,
+    memory_budget: MemoryBudget = None,
+    threads: Threads = None,
+    context_length: ContextLength = None,
+) -> None:
+    """Generate text from a prompt, streaming it to stdout."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    with user_errors():
+        model = _load(package, memory_budget, threads, context_length)
+        text, _, interrupted = stream(model.generate(
+            prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=tuple(stop or ())))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        print_stats(model.stats, stderr=True)
+    if interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def chat(
+    package: Package,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
+                                            help="Most tokens per reply.")] = 256,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", "-t", min=0.0,
+        help="0 = greedy. Default: the model's generation_config (greedy if it does not sample).",
+        show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option(
+        min=0, help="Sample from the k likeliest (0 = all).", show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    memory_budget: MemoryBudget = None,
+    threads: Threads = None,
+    context_length: ContextLength = None,
+) -> None:
+    """Chat with a model: /stats, /reset, /exit (Ctrl-C stops a reply)."""
+    from .chat import chat_loop
+
+    with user_errors():
+        model = _load(package, memory_budget, threads, context_length)
+    chat_loop(model, dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed))
+
+
+@app.command()
+def inspect(
+    package: Package,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+    memory_budget: MemoryBudget = None,
+    threads: Threads = None,
+    context_length: ContextLength = None,
+) -> None:
+    """Architecture, quantization, sizes and the smallest memory budget that works."""
+    with user_errors():
+        info = inspect_model(package, memory_budget, threads, context_length)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        print_inspection(info)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the checkpoint and package go.")
+                   ] = Path("demo-out"),
+    memory_budget: Annotated[str | None, typer.Option(
+        "--memory-budget", "-m", metavar="SIZE",
+        help="Budget (default: the minimum plus a third of the experts, so experts are paged).")
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt to continue.")] = "Once upon a time",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
+                                            help="Tokens to generate.")] = 60,
+    threads: Threads = None,
+    context_length: Annotated[int | None, typer.Option(
+        "--context-length", "-c", min=1, help="KV cache tokens (default: 512).")] = None,
+) -> None:
+    """End to end: get a small Mixtral, export it to int4, run it with experts paged."""
+    from .demo import run_demo
+
+    _exporter()  # fail early and clearly without the [export] extra
+    with user_errors():
+        run_demo(out, memory_budget=memory_budget, prompt=prompt, max_tokens=max_tokens,
+                 threads=threads, context_length=context_length)
+
+
+def main() -> None:
+    """Console-script entry point: user errors are one line, never a traceback."""
+    try:
+        app()
+    except MobileMoEError as e:  # the commands catch these; this is the safety net
+        sys.stderr.write(f"error: {one_line(str(e))}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
