@@ -148,5 +148,14 @@ class Checkpoint:
         self._where[name].release(name)
         return converted
 
+    def copy(self, name: str, index: int | None = None) -> np.ndarray:
+        """The stored bits unconverted (packed formats: MXFP4's uint8 blocks and scales), or
+        their `index`-th slice along axis 0, as a fresh array; the mapped pages are released."""
+        raw = self.raw(name)
+        out = np.array(raw if index is None else raw[index])
+        del raw
+        self._where[name].release(name)
+        return out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -8,7 +8,11 @@ from pathlib import Path
 from mobilemoe.errors import ExportError
 
 # Only what the exporter reads: weights as safetensors, configs, tokenizer files.
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken",
+                "*.txt"]
+# Top-level files only: some repos carry other copies of the weights in subfolders
+# (gpt-oss's original/ holds 13 GB the exporter never reads).
+HUB_IGNORE = ["*/*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -40,7 +44,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
             files = HfApi().list_repo_files(repo_id, revision=revision)
             if not any(f.endswith(".safetensors") for f in files):
                 _refuse_pickle(repo_id, files)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      ignore_patterns=HUB_IGNORE))
     except LocalEntryNotFoundError:
         raise ExportError(
             f"{repo_id}: not in the local Hugging Face cache and the hub is offline "

@@ -17,7 +17,8 @@ from typing import Any
 
 from mobilemoe.errors import PackageError
 
-ROUTER_SCORINGS = ("softmax",)
+ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+GROUP_SCORES = ("max", "top2_sum")
 TENSOR_DTYPES = {"uint8": 1, "int8": 1, "float16": 2, "float32": 4}  # name -> itemsize
 FORMAT_NAME = "mobilemoe"
 FORMAT_VERSION = 1
@@ -37,13 +38,32 @@ class ModelDims:
     top_k: int
     rms_norm_eps: float
     max_position_embeddings: int
+    value_head_dim: int = 0  # of v (DeepSeek's differs from q/k's); 0 = head_dim
+
+    def __post_init__(self) -> None:
+        if not self.value_head_dim:
+            object.__setattr__(self, "value_head_dim", self.head_dim)
 
 
 @dataclass(frozen=True)
 class Routing:
-    scoring: str  # "softmax": probabilities over all experts, then top-k
+    """How router logits [T, E] become k experts per token and their weights."""
+
+    scoring: str  # "softmax" | "sigmoid" | "sparsemixer" (see mobilemoe/routing.py)
     top_k: int
-    normalize_top_k: bool
+    normalize_top_k: bool  # renormalise the chosen weights to sum to 1
+    top_k_before_softmax: bool = False  # softmax over the k chosen logits only
+    scaling: float = 1.0  # multiplies the weights (DeepSeek's routed_scaling_factor)
+    n_group: int = 1  # group-limited top-k: experts in n_group groups,
+    topk_group: int = 1  # only the best topk_group groups are eligible
+    group_score: str = "max"  # "max" | "top2_sum": how a group is ranked
+    sparsemixer_eps: float = 0.0  # Phi-MoE's sparsemixer threshold
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    moe: bool = True  # False: a dense MLP layer (no router, no experts)
+    sliding_window: int = 0  # attend to at most this many past positions; 0 = all
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,8 @@ class Manifest:
     expert_store: FileRef
     store_alignment: int
     experts: list[ExpertEntry]
+    layers: list[LayerInfo] = field(default_factory=list)  # empty: all MoE, full attention
+    moe_output_scale: float = 1.0  # routed experts' sum is scaled by this (Granite)
     tokenizer_file: str | None = None
     chat_template: str | None = None
     bos_token_id: int | None = None
@@ -228,6 +250,10 @@ def _parse(data: Any) -> Manifest:
         expert_store=_file_ref(_get(data, "expert_store", dict, ""), "expert_store."),
         store_alignment=_get(data, "store_alignment", int, ""),
         experts=experts,
+        layers=[LayerInfo(**_fields(LayerInfo, x, "layers[].")) for x in
+                _optional(data, "layers", list) or []],
+        moe_output_scale=_get(data, "moe_output_scale", float, "") if "moe_output_scale" in data
+        else 1.0,
         tokenizer_file=_optional(data, "tokenizer_file", str),
         chat_template=_optional(data, "chat_template", str),
         bos_token_id=_optional(data, "bos_token_id", int),
@@ -274,14 +300,20 @@ def _check_consistency(m: Manifest) -> None:
         raise PackageError(f"manifest: {len(m.layer_graphs)} layer graphs for {d.num_layers} layers")
     if not 0 < m.routing.top_k <= d.num_experts:
         raise PackageError("manifest: routing.top_k must be between 1 and num_experts")
-    if len(m.rope.inv_freq) * 2 != d.head_dim:
-        raise PackageError("manifest: rope.inv_freq must have head_dim / 2 entries")
+    if not 0 < len(m.rope.inv_freq) * 2 <= d.head_dim:
+        raise PackageError("manifest: rope.inv_freq must have at most head_dim / 2 entries")
+    if m.layers and len(m.layers) != d.num_layers:
+        raise PackageError(f"manifest: {len(m.layers)} layer entries for {d.num_layers} layers")
+    if m.routing.group_score not in GROUP_SCORES or m.routing.n_group < 1 or not (
+            1 <= m.routing.topk_group <= m.routing.n_group) or d.num_experts % m.routing.n_group:
+        raise PackageError("manifest: bad group routing settings")
     if m.store_alignment <= 0:
         raise PackageError("manifest: store_alignment must be positive")
+    moe_layers = {i for i in range(d.num_layers) if not m.layers or m.layers[i].moe}
     seen = set()
     for e in m.experts:
         key = (e.layer, e.expert)
-        if key in seen or not (0 <= e.layer < d.num_layers and 0 <= e.expert < d.num_experts):
+        if key in seen or e.layer not in moe_layers or not 0 <= e.expert < d.num_experts:
             raise PackageError(f"manifest: bad or duplicate expert entry {key}")
         seen.add(key)
         template = m.templates.get(e.template)
@@ -291,9 +323,9 @@ def _check_consistency(m: Manifest) -> None:
             raise PackageError(f"manifest: expert {key} has a bad offset or length")
         if e.offset + e.length > m.expert_store.size:
             raise PackageError(f"manifest: expert {key} lies past the end of the expert store")
-    if len(seen) != d.num_layers * d.num_experts:
+    if len(seen) != len(moe_layers) * d.num_experts:
         raise PackageError(
-            f"manifest: {len(seen)} expert entries for {d.num_layers} layers x "
+            f"manifest: {len(seen)} expert entries for {len(moe_layers)} MoE layers x "
             f"{d.num_experts} experts"
         )
     if m.routing.scoring not in ROUTER_SCORINGS:

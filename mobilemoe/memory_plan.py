@@ -19,7 +19,8 @@ FLOAT_BYTES = 4
 
 
 def kv_cache_bytes(dims: ModelDims, context_length: int) -> int:
-    return 2 * dims.num_layers * context_length * dims.num_kv_heads * dims.head_dim * FLOAT_BYTES
+    per_token = dims.num_kv_heads * (dims.head_dim + dims.value_head_dim)  # keys + values
+    return dims.num_layers * context_length * per_token * FLOAT_BYTES
 
 
 def activation_bytes(dims: ModelDims, chunk: int, context_length: int) -> int:

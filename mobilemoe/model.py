@@ -20,7 +20,7 @@ import numpy as np
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
 from mobilemoe.expert_store import ExpertStore
-from mobilemoe.manifest import FileRef, Manifest, resolve_inside
+from mobilemoe.manifest import FileRef, LayerInfo, Manifest, ModelDims, resolve_inside
 from mobilemoe.memory import max_rss, release_freed_memory, rss
 from mobilemoe.memory_plan import MemoryPlan, activation_bytes, kv_cache_bytes
 from mobilemoe.ort_sessions import (
@@ -69,6 +69,17 @@ class Stats:
         return asdict(self)
 
 
+def causal_mask(start: int, end: int, window: int = 0) -> np.ndarray:
+    """[T, S] additive mask for queries at positions start..end-1 over keys 0..end-1:
+    0 where key <= query (and, with a window, key > query - window), -inf elsewhere."""
+    query = np.arange(start, end)[:, None]
+    key = np.arange(end)[None, :]
+    visible = key <= query
+    if window:
+        visible &= key > query - window
+    return np.where(visible, 0.0, -np.inf).astype(np.float32)
+
+
 # Sizes measured from RSS, per graph checksum, kept for the life of the process: a later load
 # of the same package then plans with the same numbers (the first measurement is the
 # largest, as it also pays for ONNX Runtime's lazy initialisation).
@@ -80,11 +91,13 @@ def _remember(key: str, measured: int) -> int:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: [layers, context, kv_heads, head_dim]."""
+    """Keys and values of every layer, preallocated: [layers, context, kv_heads, head_dim]
+    (values have their own head_dim). np.zeros maps pages lazily: RSS grows with use."""
 
-    def __init__(self, layers: int, context: int, kv_heads: int, head_dim: int):
-        self.keys = np.zeros((layers, context, kv_heads, head_dim), dtype=np.float32)
-        self.values = np.zeros_like(self.keys)
+    def __init__(self, dims: ModelDims, context: int):
+        shape = (dims.num_layers, context, dims.num_kv_heads)
+        self.keys = np.zeros((*shape, dims.head_dim), dtype=np.float32)
+        self.values = np.zeros((*shape, dims.value_head_dim), dtype=np.float32)
         self.length = 0
 
     @property
@@ -113,7 +126,8 @@ class MoEModel:
         buffers = activation_bytes(d, PREFILL_CHUNK, self.context_length)
         largest_block = max(t.block_bytes for t in m.templates.values())
 
-        self._kv = KVCache(d.num_layers, self.context_length, d.num_kv_heads, d.head_dim)
+        self._kv = KVCache(d, self.context_length)
+        self._layer_info = m.layers or [LayerInfo() for _ in range(d.num_layers)]
         self._tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
         inv_freq = np.asarray(m.rope.inv_freq, dtype=np.float32)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * inv_freq  # [C, D/2]
@@ -127,6 +141,7 @@ class MoEModel:
         # after the dense sessions and one expert template are built, before anything runs.
         self._embed = create_session(self._read_graph(m.embed_graph))
         self._layers = [create_session(self._read_graph(g)) for g in m.layer_graphs]
+        self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self._layers]
         self._head = create_session(self._read_graph(m.head_graph))
         self._warm_up_dense()
         release_freed_memory()
@@ -162,9 +177,9 @@ class MoEModel:
         first run allocates what later runs reuse, and that belongs to the measured dense part."""
         d = self.dims
         hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
-        empty = np.zeros((0, d.num_kv_heads, d.head_dim), np.float32)
         feeds = {"cos": self._cos[:1], "sin": self._sin[:1], "mask": np.zeros((1, 1), np.float32),
-                 "past_key": empty, "past_value": empty}
+                 "past_key": np.zeros((0, d.num_kv_heads, d.head_dim), np.float32),
+                 "past_value": np.zeros((0, d.num_kv_heads, d.value_head_dim), np.float32)}
         for session in self._layers:
             hidden = session.run(None, {**feeds, "hidden": hidden})[0]
         self._head.run(None, {"hidden": hidden})
@@ -208,9 +223,10 @@ class MoEModel:
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray) -> np.ndarray:
+    def _moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray,
+             selection: np.ndarray | None) -> np.ndarray:
         """x [T, H] -> sum over each token's chosen experts of weight * expert(x)."""
-        experts, weights = route(router_logits, self.manifest.routing)  # [T, k] each
+        experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
         needed = [int(e) for e in np.unique(experts)]
         # Run the cached experts first (a miss may evict one this layer still needs), but
         # add the outputs up in expert order: the sum must not depend on the cache.
@@ -247,20 +263,26 @@ class MoEModel:
     def _forward_chunk(self, ids: np.ndarray) -> np.ndarray:
         kv, start = self._kv, self._kv.length
         end = start + len(ids)
-        positions = np.arange(start, end)
-        # 0 where key position <= query position, -inf elsewhere: [T, S]
-        mask = np.where(np.arange(end)[None, :] <= positions[:, None], 0.0, -np.inf)
-        feeds = {"cos": self._cos[start:end], "sin": self._sin[start:end],
-                 "mask": mask.astype(np.float32)}
+        masks = {}  # sliding window (0 = none) -> [T, S] mask
+        feeds = {"cos": self._cos[start:end], "sin": self._sin[start:end]}
         hidden = self._embed.run(None, {"input_ids": ids})[0]
+        scale = np.float32(self.manifest.moe_output_scale)
         for layer, session in enumerate(self._layers):
+            window = self._layer_info[layer].sliding_window
+            if window not in masks:
+                masks[window] = causal_mask(start, end, window)
+            feeds["mask"] = masks[window]
             feeds["hidden"] = hidden
             feeds["past_key"] = kv.keys[layer, :start]
             feeds["past_value"] = kv.values[layer, :start]
-            residual, moe_input, router_logits, key, value = session.run(None, feeds)
-            kv.keys[layer, start:end] = key
-            kv.values[layer, start:end] = value
-            hidden = residual + self._moe(layer, moe_input, router_logits)
+            out = dict(zip(self._layer_outputs[layer], session.run(None, feeds), strict=True))
+            kv.keys[layer, start:end] = out["key"]
+            kv.values[layer, start:end] = out["value"]
+            hidden = out["residual"]
+            if self._layer_info[layer].moe:
+                routed = self._moe(layer, out["moe_input"], out["router_logits"],
+                                   out.get("router_selection"))
+                hidden = hidden + (routed if scale == 1 else scale * routed)
         kv.length = end
         return hidden
 

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from mobilemoe.export.architectures import Role, claim_tensors, find_spec
 from mobilemoe.export.quantize import (
     dequantize_blockwise,
     dequantize_rows,
     quantize_blockwise,
     quantize_rows_int8,
 )
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -56,19 +66,33 @@ def mixtral_config(**overrides) -> MixtralConfig:
 def build_mixtral(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
                   max_shard_size: str | None = None, fused: bool = False, train_steps: int = 0,
                   **overrides) -> MixtralForCausalLM:
-    """Random Mixtral saved to `folder` as the hub does (or fused, as transformers 5 can).
+    """Random Mixtral saved to `folder` as the hub does (or fused, as transformers 5 can)."""
+    return build_checkpoint(folder, mixtral_config(**overrides), seed=seed, dtype=dtype,
+                            max_shard_size=max_shard_size, fused=fused, train_steps=train_steps)
+
+
+def build_checkpoint(folder: Path, config: PretrainedConfig, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                     fused: bool = False, train_steps: int = 0) -> PreTrainedModel:
+    """A random model of `config` saved to `folder` with its tokenizer.
 
     train_steps > 0 first fits it briefly to CORPUS: a random model's top logits are often
     within quantization noise of each other, a trained one's are not, which is what a
     token-for-token comparison of greedy generations needs.
     """
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(mixtral_config(**overrides)).eval()
-    # Larger-than-default weights so routing and logits are far from uniform.
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Larger-than-default weights so routing and logits are far from uniform. Norm weights
+    # (1-D, init 1) stay; biases get small random values so that they matter.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
+            elif "bias" in name or "sinks" in name:
+                p.normal_(0, 0.05)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: zero at init
+                buf.normal_(0, 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     write_tokenizer(folder, model.config.vocab_size)
     if train_steps:
@@ -78,7 +102,7 @@ def build_mixtral(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float3
     return model.float()
 
 
-def _fit(model: MixtralForCausalLM, tokenizer: Tokenizer, steps: int) -> None:
+def _fit(model: PreTrainedModel, tokenizer: Tokenizer, steps: int) -> None:
     text = " ".join(CORPUS[:4])
     ids = torch.tensor([[1] + tokenizer.encode(text).ids])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -91,32 +115,56 @@ def _fit(model: MixtralForCausalLM, tokenizer: Tokenizer, steps: int) -> None:
     model.eval()
 
 
-def load_reference(folder: Path) -> MixtralForCausalLM:
+def load_reference(folder: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+DENSE_ROLES = {Role.LM_HEAD, Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.DENSE_GATE,
+               Role.DENSE_UP, Role.DENSE_DOWN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
+               Role.ATTN_Q_A, Role.ATTN_Q_B, Role.ATTN_KV_A, Role.ATTN_KV_B}
+EXPERT_ROLES = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN}
+FUSED_ROLES = {Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN}
+
+
 def dequantized_reference(folder: Path, bits: int, dense_bits: int,
-                          block_size: int = 32) -> MixtralForCausalLM:
-    """The float32 model with each weight replaced by what the package stores for it."""
-    model = load_reference(folder)
+                          block_size: int = 32) -> PreTrainedModel:
+    """transformers' model with each weight replaced by what the package stores for it.
 
-    def requant(w: torch.Tensor, b: int) -> torch.Tensor:
-        q = quantize_blockwise(w.detach().float().numpy(), b, block_size)
-        return torch.from_numpy(dequantize_blockwise(q))
+    Works on the saved checkpoint, by role (the architecture spec's table), so the same code
+    serves every architecture: quantized roles are quantized and dequantized with the
+    exporter's own (separately tested) quantizer; norms, biases and the router stay exact.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    spec = find_spec(config)
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
 
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb.copy_(torch.from_numpy(dequantize_rows(quantize_rows_int8(emb.numpy()))))
-        model.lm_head.weight.copy_(requant(model.lm_head.weight, dense_bits))
-        for layer in model.model.layers:
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                w = getattr(layer.self_attn, proj).weight
-                w.copy_(requant(w, dense_bits))
-            experts = layer.mlp.experts
-            for e in range(experts.gate_up_proj.shape[0]):
-                experts.gate_up_proj[e] = requant(experts.gate_up_proj[e], bits)
-                experts.down_proj[e] = requant(experts.down_proj[e], bits)
-    return model
+    def requant(w: np.ndarray, b: int) -> np.ndarray:
+        return dequantize_blockwise(quantize_blockwise(w.astype(np.float32), b, block_size))
+
+    for ref in claim_tensors(spec, list(tensors)):
+        w = tensors[ref.name].astype(np.float32)
+        if ref.role is Role.EMBED:
+            w = dequantize_rows(quantize_rows_int8(w))
+        elif ref.role in DENSE_ROLES:
+            w = requant(w, dense_bits)
+        elif ref.role in EXPERT_ROLES:
+            w = requant(w, bits)
+        elif ref.role in FUSED_ROLES:
+            # [E, N, K] as the exporter reads it; "interleaved_in_out" stores [E, K, N]
+            transposed = spec.fused_layout == "interleaved_in_out"
+            w = np.stack([requant(e.T, bits).T if transposed else requant(e, bits) for e in w])
+        tensors[ref.name] = np.ascontiguousarray(w, dtype=np.float32)
+    out = Path(tempfile.mkdtemp(prefix="dequantized-"))
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, out / name)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    try:
+        return load_reference(out)
+    finally:
+        shutil.rmtree(out)
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:

@@ -122,7 +122,7 @@ def test_package_path_that_does_not_exist(tmp_path):
         mobilemoe.load(tmp_path / "nothing.mmoe")
 
 
-@pytest.mark.parametrize("graph", ["embed.onnx", "layer_001.onnx", "head.onnx", "swiglu_*.onnx"])
+@pytest.mark.parametrize("graph", ["embed.onnx", "layer_001.onnx", "head.onnx", "expert_*.onnx"])
 def test_missing_graph_file(pkg, graph):
     victim = next((pkg / "graphs").glob(graph))
     victim.unlink()
@@ -137,7 +137,7 @@ def test_renamed_expert_store(pkg):
         mobilemoe.load(pkg)
 
 
-@pytest.mark.parametrize("graph", ["embed.onnx", "layer_000.onnx", "head.onnx", "swiglu_*.onnx"])
+@pytest.mark.parametrize("graph", ["embed.onnx", "layer_000.onnx", "head.onnx", "expert_*.onnx"])
 def test_graph_modified_with_the_same_size(pkg, graph):
     victim = next((pkg / "graphs").glob(graph))
     size = victim.stat().st_size
@@ -326,7 +326,7 @@ INCONSISTENT = {
         (lambda d: template(d)["tensors"][0].update(dtype="nonsense"), "gate_up.qweight"),
     "tensor dtype holds Python objects":
         (lambda d: template(d)["tensors"][1].update(dtype="object"), "gate_up.scales"),
-    "router scoring unknown": (lambda d: d["routing"].update(scoring="sigmoid"), "scoring"),
+    "router scoring unknown": (lambda d: d["routing"].update(scoring="tanh"), "scoring"),
     "top_k above experts": (lambda d: d["routing"].update(top_k=99), "top_k"),
     "fewer layer graphs than layers": (lambda d: d["layer_graphs"].pop(), "layer graphs"),
     "expert past the store": (lambda d: d["experts"][-1].update(offset=1 << 30), "expert"),

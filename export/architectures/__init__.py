@@ -12,7 +12,8 @@ from mobilemoe.errors import ExportError
 
 from .base import ArchitectureSpec, Role, RouterSpec, TensorRef, claim_tensors
 
-_MODULES = ("mixtral",)
+_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss",
+            "deepseek_v2", "deepseek_v3")
 
 
 def registry() -> dict[str, ArchitectureSpec]:

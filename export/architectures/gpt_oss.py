@@ -1,0 +1,67 @@
+"""GPT-OSS (`GptOssForCausalLM`: gpt-oss-20b, gpt-oss-120b).
+
+As transformers' modeling_gpt_oss does it:
+- attention: GQA with q/k/v/o biases; one learned sink logit per head joins each softmax and
+  takes probability mass without contributing a value; layers alternate sliding-window (even
+  layers, `layer_types`) and full attention; YaRN RoPE (rotate-half, truncate=False);
+- router: logits = x W.T + bias, top-k of the logits, softmax over those k;
+- experts: clamped SwiGLU with biases, g = min(gate, limit), u = clip(up, -limit, limit),
+  out = g * sigmoid(alpha g) * (u + 1); gate and up *interleaved* along 2I in
+  `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`.
+Released checkpoints store the expert matrices in MXFP4 (`*_blocks` / `*_scales`, see
+export/mxfp4.py); checkpoints re-saved in float by transformers store them as above.
+"""
+
+from .base import ArchitectureSpec, Role, RouterSpec
+
+
+def sliding_window(config: dict, layer: int) -> int:
+    """`layer_types` when the config lists them; otherwise transformers' default
+    (GptOssConfig.__post_init__): even layers slide, odd layers attend to everything."""
+    types = config.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention"
+        for i in range(int(config["num_hidden_layers"]))]
+    return int(config.get("sliding_window") or 0) if types[layer] == "sliding_attention" else 0
+
+
+P = "model.layers.{layer}"
+E = f"{P}.mlp.experts"
+SPEC = ArchitectureSpec(
+    model_type="gpt_oss",
+    hf_architectures=("GptOssForCausalLM",),
+    config_fields={
+        "num_experts": ("num_local_experts",),
+        "top_k": ("num_experts_per_tok", "experts_per_token"),
+    },
+    tensors={
+        "model.embed_tokens.weight": Role.EMBED,
+        "model.norm.weight": Role.FINAL_NORM,
+        "lm_head.weight": Role.LM_HEAD,
+        f"{P}.input_layernorm.weight": Role.ATTN_NORM,
+        f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
+        f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
+        f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
+        f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
+        f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
+        f"{P}.self_attn.q_proj.bias": Role.ATTN_Q_BIAS,
+        f"{P}.self_attn.k_proj.bias": Role.ATTN_K_BIAS,
+        f"{P}.self_attn.v_proj.bias": Role.ATTN_V_BIAS,
+        f"{P}.self_attn.o_proj.bias": Role.ATTN_O_BIAS,
+        f"{P}.self_attn.sinks": Role.ATTN_SINKS,
+        f"{P}.mlp.router.weight": Role.ROUTER,
+        f"{P}.mlp.router.bias": Role.ROUTER_BIAS,
+        f"{E}.gate_up_proj": Role.EXPERTS_GATE_UP,
+        f"{E}.down_proj": Role.EXPERTS_DOWN,
+        f"{E}.gate_up_proj_bias": Role.EXPERTS_GATE_UP_BIAS,
+        f"{E}.down_proj_bias": Role.EXPERTS_DOWN_BIAS,
+        # released checkpoints (quantization_config.quant_method "mxfp4")
+        f"{E}.gate_up_proj_blocks": Role.EXPERTS_GATE_UP_BLOCKS,
+        f"{E}.gate_up_proj_scales": Role.EXPERTS_GATE_UP_SCALES,
+        f"{E}.down_proj_blocks": Role.EXPERTS_DOWN_BLOCKS,
+        f"{E}.down_proj_scales": Role.EXPERTS_DOWN_SCALES,
+    },
+    router=RouterSpec(scoring="softmax", top_k_before_softmax=True),
+    activation="gpt_oss",
+    fused_layout="interleaved_in_out",
+    sliding_window=sliding_window,
+)
