@@ -16,6 +16,7 @@ skip the scaling; every released V2 config has norm_topk_prob false, where the t
 import math
 
 from .base import ArchitectureSpec, Role, RouterSpec
+from .names import DENSE_MLP, SHARED_MLP, P, expert_tensors, fused_expert_tensors, mlp_tensors
 
 
 def is_moe_layer(config: dict, layer: int) -> bool:
@@ -39,7 +40,6 @@ def multipliers(config: dict) -> dict[str, float]:
     return {"attention": scale}
 
 
-P = "model.layers.{layer}"
 TENSORS = {
     "model.embed_tokens.weight": Role.EMBED,
     "model.norm.weight": Role.FINAL_NORM,
@@ -54,21 +54,10 @@ TENSORS = {
     f"{P}.self_attn.kv_a_layernorm.weight": Role.ATTN_KV_A_NORM,
     f"{P}.self_attn.kv_b_proj.weight": Role.ATTN_KV_B,
     f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
-    f"{P}.mlp.gate.weight": Role.ROUTER,
-    # hub layout, one tensor per expert
-    f"{P}.mlp.experts.{{expert}}.gate_proj.weight": Role.EXPERT_GATE,
-    f"{P}.mlp.experts.{{expert}}.up_proj.weight": Role.EXPERT_UP,
-    f"{P}.mlp.experts.{{expert}}.down_proj.weight": Role.EXPERT_DOWN,
-    # transformers 5 with save_original_format=False
-    f"{P}.mlp.experts.gate_up_proj": Role.EXPERTS_GATE_UP,
-    f"{P}.mlp.experts.down_proj": Role.EXPERTS_DOWN,
-    f"{P}.mlp.shared_experts.gate_proj.weight": Role.SHARED_GATE,
-    f"{P}.mlp.shared_experts.up_proj.weight": Role.SHARED_UP,
-    f"{P}.mlp.shared_experts.down_proj.weight": Role.SHARED_DOWN,
-    # the dense layers' MLP
-    f"{P}.mlp.gate_proj.weight": Role.DENSE_GATE,
-    f"{P}.mlp.up_proj.weight": Role.DENSE_UP,
-    f"{P}.mlp.down_proj.weight": Role.DENSE_DOWN,
+    **expert_tensors(),  # hub layout, one tensor per expert
+    **fused_expert_tensors(),  # transformers 5 with save_original_format=False
+    **mlp_tensors("mlp.shared_experts", SHARED_MLP),
+    **mlp_tensors("mlp", DENSE_MLP),  # the dense layers
 }
 
 SPEC = ArchitectureSpec(

@@ -13,6 +13,7 @@ export/mxfp4.py); checkpoints re-saved in float by transformers store them as ab
 """
 
 from .base import ArchitectureSpec, Role, RouterSpec
+from .names import P, llama_tensors
 
 
 def sliding_window(config: dict, layer: int) -> int:
@@ -24,7 +25,6 @@ def sliding_window(config: dict, layer: int) -> int:
     return int(config.get("sliding_window") or 0) if types[layer] == "sliding_attention" else 0
 
 
-P = "model.layers.{layer}"
 E = f"{P}.mlp.experts"
 SPEC = ArchitectureSpec(
     model_type="gpt_oss",
@@ -34,19 +34,7 @@ SPEC = ArchitectureSpec(
         "top_k": ("num_experts_per_tok", "experts_per_token"),
     },
     tensors={
-        "model.embed_tokens.weight": Role.EMBED,
-        "model.norm.weight": Role.FINAL_NORM,
-        "lm_head.weight": Role.LM_HEAD,
-        f"{P}.input_layernorm.weight": Role.ATTN_NORM,
-        f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
-        f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
-        f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
-        f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
-        f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
-        f"{P}.self_attn.q_proj.bias": Role.ATTN_Q_BIAS,
-        f"{P}.self_attn.k_proj.bias": Role.ATTN_K_BIAS,
-        f"{P}.self_attn.v_proj.bias": Role.ATTN_V_BIAS,
-        f"{P}.self_attn.o_proj.bias": Role.ATTN_O_BIAS,
+        **llama_tensors(attention_biases=("q", "k", "v", "o")),
         f"{P}.self_attn.sinks": Role.ATTN_SINKS,
         f"{P}.mlp.router.weight": Role.ROUTER,
         f"{P}.mlp.router.bias": Role.ROUTER_BIAS,

@@ -8,6 +8,7 @@ logits_scaling.
 """
 
 from .base import ArchitectureSpec, Role, RouterSpec
+from .names import P, fused_expert_tensors, llama_tensors
 
 
 def multipliers(config: dict) -> dict[str, float]:
@@ -19,28 +20,16 @@ def multipliers(config: dict) -> dict[str, float]:
     }
 
 
-P = "model.layers.{layer}"
 SPEC = ArchitectureSpec(
     model_type="granitemoe",
     hf_architectures=("GraniteMoeForCausalLM",),
     config_fields={"num_experts": ("num_local_experts",)},
     tensors={
-        "model.embed_tokens.weight": Role.EMBED,
-        "model.norm.weight": Role.FINAL_NORM,
-        "lm_head.weight": Role.LM_HEAD,
-        f"{P}.input_layernorm.weight": Role.ATTN_NORM,
-        f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
-        f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
-        f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
-        f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
-        f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
+        **llama_tensors(),
         f"{P}.block_sparse_moe.router.layer.weight": Role.ROUTER,
         f"{P}.block_sparse_moe.input_linear.weight": Role.EXPERTS_GATE_UP,
         f"{P}.block_sparse_moe.output_linear.weight": Role.EXPERTS_DOWN,
-        # transformers 5 with save_original_format=False
-        f"{P}.block_sparse_moe.router.weight": Role.ROUTER,
-        f"{P}.block_sparse_moe.experts.gate_up_proj": Role.EXPERTS_GATE_UP,
-        f"{P}.block_sparse_moe.experts.down_proj": Role.EXPERTS_DOWN,
+        **fused_expert_tensors("block_sparse_moe", router="router"),  # transformers 5
     },
     router=RouterSpec(scoring="softmax", top_k_before_softmax=True),
     multipliers=multipliers,

@@ -5,30 +5,18 @@ softmax top-k, renormalised if `norm_topk_prob` (off in the released model).
 """
 
 from .base import ArchitectureSpec, Role, RouterSpec
+from .names import P, expert_tensors, fused_expert_tensors, llama_tensors
 
-P = "model.layers.{layer}"
 SPEC = ArchitectureSpec(
     model_type="olmoe",
     hf_architectures=("OlmoeForCausalLM",),
     config_fields={},
     tensors={
-        "model.embed_tokens.weight": Role.EMBED,
-        "model.norm.weight": Role.FINAL_NORM,
-        "lm_head.weight": Role.LM_HEAD,
-        f"{P}.input_layernorm.weight": Role.ATTN_NORM,
-        f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
-        f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
-        f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
-        f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
-        f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
+        **llama_tensors(),
         f"{P}.self_attn.q_norm.weight": Role.ATTN_Q_NORM,
         f"{P}.self_attn.k_norm.weight": Role.ATTN_K_NORM,
-        f"{P}.mlp.gate.weight": Role.ROUTER,
-        f"{P}.mlp.experts.{{expert}}.gate_proj.weight": Role.EXPERT_GATE,
-        f"{P}.mlp.experts.{{expert}}.up_proj.weight": Role.EXPERT_UP,
-        f"{P}.mlp.experts.{{expert}}.down_proj.weight": Role.EXPERT_DOWN,
-        f"{P}.mlp.experts.gate_up_proj": Role.EXPERTS_GATE_UP,
-        f"{P}.mlp.experts.down_proj": Role.EXPERTS_DOWN,
+        **expert_tensors(),
+        **fused_expert_tensors(),
     },
     router=RouterSpec(scoring="softmax", normalize_top_k=False, normalize_field="norm_topk_prob"),
     qk_norm="full",

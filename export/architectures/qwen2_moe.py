@@ -6,6 +6,7 @@ experts; softmax top-k renormalised only if `norm_topk_prob`; dense MLP layers w
 """
 
 from .base import ArchitectureSpec, Role, RouterSpec
+from .names import DENSE_MLP, SHARED_MLP, P, expert_tensors, fused_expert_tensors, llama_tensors, mlp_tensors
 
 
 def is_moe_layer(config: dict, layer: int) -> bool:
@@ -16,37 +17,17 @@ def is_moe_layer(config: dict, layer: int) -> bool:
             and (layer + 1) % (config.get("decoder_sparse_step") or 1) == 0)
 
 
-P = "model.layers.{layer}"
 SPEC = ArchitectureSpec(
     model_type="qwen2_moe",
     hf_architectures=("Qwen2MoeForCausalLM",),
     config_fields={},
     tensors={
-        "model.embed_tokens.weight": Role.EMBED,
-        "model.norm.weight": Role.FINAL_NORM,
-        "lm_head.weight": Role.LM_HEAD,
-        f"{P}.input_layernorm.weight": Role.ATTN_NORM,
-        f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
-        f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
-        f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
-        f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
-        f"{P}.self_attn.o_proj.weight": Role.ATTN_O,
-        f"{P}.self_attn.q_proj.bias": Role.ATTN_Q_BIAS,
-        f"{P}.self_attn.k_proj.bias": Role.ATTN_K_BIAS,
-        f"{P}.self_attn.v_proj.bias": Role.ATTN_V_BIAS,
-        f"{P}.mlp.gate.weight": Role.ROUTER,
-        f"{P}.mlp.experts.{{expert}}.gate_proj.weight": Role.EXPERT_GATE,
-        f"{P}.mlp.experts.{{expert}}.up_proj.weight": Role.EXPERT_UP,
-        f"{P}.mlp.experts.{{expert}}.down_proj.weight": Role.EXPERT_DOWN,
-        f"{P}.mlp.experts.gate_up_proj": Role.EXPERTS_GATE_UP,
-        f"{P}.mlp.experts.down_proj": Role.EXPERTS_DOWN,
-        f"{P}.mlp.shared_expert.gate_proj.weight": Role.SHARED_GATE,
-        f"{P}.mlp.shared_expert.up_proj.weight": Role.SHARED_UP,
-        f"{P}.mlp.shared_expert.down_proj.weight": Role.SHARED_DOWN,
+        **llama_tensors(attention_biases=("q", "k", "v")),
+        **expert_tensors(),
+        **fused_expert_tensors(),
+        **mlp_tensors("mlp.shared_expert", SHARED_MLP),
         f"{P}.mlp.shared_expert_gate.weight": Role.SHARED_EXPERT_GATE,
-        f"{P}.mlp.gate_proj.weight": Role.DENSE_GATE,
-        f"{P}.mlp.up_proj.weight": Role.DENSE_UP,
-        f"{P}.mlp.down_proj.weight": Role.DENSE_DOWN,
+        **mlp_tensors("mlp", DENSE_MLP),  # the dense layers
     },
     router=RouterSpec(scoring="softmax", normalize_top_k=False, normalize_field="norm_topk_prob"),
     is_moe_layer=is_moe_layer,
