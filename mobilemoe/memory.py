@@ -23,6 +23,21 @@ def _load_malloc_trim():
 
 
 _MALLOC_TRIM = _load_malloc_trim()
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter numbers (malloc.h)
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> None:
+    """Serve allocations of `threshold` bytes and more with their own mmap, process-wide.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, after which
+    blocks of that size come from the heap and stay resident after free: expert weights and
+    activation buffers freed by the runtime would keep counting in RSS. A fixed threshold
+    returns every large block to the OS the moment it is freed.
+    """
+    if _MALLOC_TRIM is None:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def rss() -> int:

@@ -21,7 +21,7 @@ from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
 from mobilemoe.expert_store import ExpertStore
 from mobilemoe.manifest import FileRef, LayerInfo, Manifest, ModelDims, resolve_inside
-from mobilemoe.memory import max_rss, release_freed_memory, rss
+from mobilemoe.memory import limit_heap_retention, max_rss, release_freed_memory, rss
 from mobilemoe.memory_plan import MemoryPlan, activation_bytes, kv_cache_bytes
 from mobilemoe.ort_sessions import (
     create_session,
@@ -118,6 +118,7 @@ class MoEModel:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         use_threads(threads or default_threads())
         warm_up()
+        limit_heap_retention()
 
         release_freed_memory()
         self._baseline_rss = rss()
@@ -257,6 +258,7 @@ class MoEModel:
                 outputs.append(hidden if want == "all" else hidden[-1:])
         self._tokens.extend(ids)
         logits = self._head.run(None, {"hidden": np.concatenate(outputs)})[0]
+        release_freed_memory()  # this step's buffers, before the next one allocates (µs)
         self._sample_rss()
         return logits
 
