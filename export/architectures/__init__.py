@@ -1,26 +1,27 @@
 """Registered architectures, found by the checkpoint config's `model_type`.
 
-Adding one: write `<name>.py` with a `SPEC`, list it in `_MODULES`, add its test entry
-(see docs/ADDING_AN_ARCHITECTURE.md).
+Adding one: write `<name>.py` with a `SPEC` in this folder (every module that has one is
+registered) and add its test entry (see docs/ADDING_AN_ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from functools import cache
 
 from mobilemoe.errors import ExportError
 
 from .base import ArchitectureSpec, Role, RouterSpec, TensorRef, claim_tensors
 
-_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss",
-            "deepseek_v2", "deepseek_v3")
 
-
+@cache
 def registry() -> dict[str, ArchitectureSpec]:
     specs = {}
-    for module in _MODULES:
-        spec = importlib.import_module(f"{__name__}.{module}").SPEC
-        specs[spec.model_type] = spec
+    for info in pkgutil.iter_modules(__path__):
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPEC", None)
+        if spec is not None:
+            specs[spec.model_type] = spec
     return specs
 
 
