@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_DEV := $(VENV)/.installed-dev
 STAMP_RUN := $(VENV)/.installed-run
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,19 @@ lint: $(STAMP_DEV)
 
 clean:
 	rm -rf $(VENV) demo-out
+
+# The benchmark peer, in its own environment (never part of `make test`): llama-cpp-python
+# compiles llama.cpp (15-20 min on 2 cores). GGML_NATIVE=ON would enable AMX, whose int8
+# matmul segfaults here on batches of more than one token, so the ISA is spelled out.
+BENCH_VENV := .venv-bench
+BENCH_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+
+bench-env: $(BENCH_VENV)/.installed
+$(BENCH_VENV)/.installed: benchmarks/requirements-bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_ARGS="$(BENCH_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BENCH_VENV)/bin/pip install -r benchmarks/requirements-bench.txt
+	touch $@
