@@ -35,7 +35,7 @@ def _say(text: str = "") -> None:
 
 
 def chat_loop(model: MoEModel, generate_options: dict[str, Any],
-              read: Callable[[str], str] = input) -> None:
+              read: Callable[[str], str] = input, show_experts: bool = False) -> None:
     """Run the conversation until /exit, end of input, or Ctrl-C at the prompt."""
     _enable_line_editing()
     messages: list[dict[str, str]] = []
@@ -63,7 +63,7 @@ def chat_loop(model: MoEModel, generate_options: dict[str, Any],
             _say(f"unknown command {command.split()[0]}; {HELP}")
             continue
         messages.append({"role": "user", "content": line})
-        reply = _reply(model, messages, generate_options)
+        reply = _reply(model, messages, generate_options, show_experts)
         if reply is None:
             messages.pop()  # the turn failed: forget the question, keep the conversation
         else:
@@ -71,11 +71,17 @@ def chat_loop(model: MoEModel, generate_options: dict[str, Any],
 
 
 def _reply(model: MoEModel, messages: list[dict[str, str]],
-           generate_options: dict[str, Any]) -> str | None:
+           generate_options: dict[str, Any], show_experts: bool = False) -> str | None:
     """Stream one reply; returns its text (partial if interrupted), or None on an error."""
     try:
         ids = model.chat_prompt(messages)
-        text, _, interrupted = stream(model.generate(ids, **generate_options))
+        tokens = model.generate(ids, **generate_options)
+        if show_experts:
+            from .experts import stream_experts
+
+            text, _, interrupted = stream_experts(model, "(prompt)", tokens)
+        else:
+            text, _, interrupted = stream(tokens)
     except MobileMoEError as e:  # e.g. the context is full: the user can /reset and go on
         _say()
         sys.stderr.write(f"error: {one_line(str(e))} (/reset starts a new conversation)\n")

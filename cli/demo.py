@@ -16,8 +16,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.resources
+import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -62,28 +64,30 @@ def _fingerprint(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def _get_checkpoint(out: Path, stack: ExitStack) -> tuple[Path, str, bool]:
+def _get_checkpoint(out: Path, stack: ExitStack, say: Callable[[str], None] = _say
+                    ) -> tuple[Path, str, bool]:
     """(checkpoint folder, package name, trained?)"""
     shipped = importlib.resources.files("mobilemoe") / "demo_model"
     if shipped.joinpath("config.json").is_file():
         folder = stack.enter_context(importlib.resources.as_file(shipped))
-        _say(f"trained demo model: {folder}")
+        say(f"trained demo model: {folder}")
         return folder, "demo-model.mmoe", True
     folder = out / "random-mixtral"
     if (folder / "config.json").is_file():
-        _say(f"random Mixtral (cached): {folder}")
+        say(f"random Mixtral (cached): {folder}")
     else:
         from mobilemoe.export.synthetic import write_random_mixtral
 
         start = time.perf_counter()
         write_random_mixtral(folder)
-        _say(f"no trained demo model installed; wrote a random Mixtral to {folder} "
-             f"({format_bytes(folder_bytes(folder))}, {time.perf_counter() - start:.1f} s)")
-    _say("random weights: the text will be gibberish, the paging is real")
+        say(f"no trained demo model installed; wrote a random Mixtral to {folder} "
+            f"({format_bytes(folder_bytes(folder))}, {time.perf_counter() - start:.1f} s)")
+    say("random weights: the text will be gibberish, the paging is real")
     return folder, "random-mixtral.mmoe", False
 
 
-def _get_package(checkpoint: Path, package: Path) -> None:
+def _get_package(checkpoint: Path, package: Path,
+                 say: Callable[[str], None] = _say) -> None:
     marker = package.parent / f".{package.name}.source"
     fingerprint = _fingerprint(checkpoint)
     try:
@@ -92,7 +96,7 @@ def _get_package(checkpoint: Path, package: Path) -> None:
     except PackageError:
         cached = False
     if cached:
-        _say(f"cached: {package} ({format_bytes(folder_bytes(package))})")
+        say(f"cached: {package} ({format_bytes(folder_bytes(package))})")
         return
     from mobilemoe.export import export_model
 
@@ -100,8 +104,34 @@ def _get_package(checkpoint: Path, package: Path) -> None:
     export_model(checkpoint, package, overwrite=True, progress=sys.stderr.isatty(),
                  **EXPORT_SETTINGS)
     marker.write_text(fingerprint + "\n")
-    _say(f"exported to {package} ({format_bytes(folder_bytes(package))}, "
+    say(f"exported to {package} ({format_bytes(folder_bytes(package))}, "
          f"{time.perf_counter() - start:.1f} s)")
+
+
+def demo_cache_dir() -> Path:
+    """Where the default model's package is cached: $MOBILEMOE_CACHE, else ~/.cache/mobilemoe."""
+    root = os.environ.get("MOBILEMOE_CACHE") or Path.home() / ".cache" / "mobilemoe"
+    return Path(root).expanduser() / "demo"
+
+
+def demo_context(max_position_embeddings: int) -> int:
+    """The demo's KV cache: short, and never past what the model was trained on."""
+    return min(DEMO_CONTEXT, max_position_embeddings)
+
+
+def demo_package(out: Path | None = None, say: Callable[[str], None] = _say) -> Path:
+    """The shipped demo model exported to int4, once: later calls return the cached package.
+
+    The exporter writes to a temporary folder and renames it into place, so a concurrent or
+    interrupted export never leaves a half-written package behind.
+    """
+    out = Path(out).expanduser() if out is not None else demo_cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        checkpoint, name, _ = _get_checkpoint(out, stack, say)
+        package = out / name
+        _get_package(checkpoint, package, say)
+    return package
 
 
 def _paging_budget(package: Path, threads: int | None, context_length: int) -> int:
@@ -136,7 +166,7 @@ def run_demo(out: Path, memory_budget: str | None = None, prompt: str = "Once up
     _step(3, "memory budget")
     manifest = Manifest.load(package)
     d = manifest.dims
-    context = context_length or min(DEMO_CONTEXT, d.max_position_embeddings)
+    context = context_length or demo_context(d.max_position_embeddings)
     if memory_budget is None:
         budget = _paging_budget(package, threads, context)
         how = "measured minimum + 1/3 of the experts"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,6 +131,8 @@ class MoEModel:
         self._kv = KVCache(d, self.context_length)
         self._layer_info = m.layers or [LayerInfo() for _ in range(d.num_layers)]
         self._tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
+        # Off (None) unless asked for: one {layer: experts [T, k]} per forward chunk.
+        self.routing_trace: list[dict[int, np.ndarray]] | None = None
         inv_freq = np.asarray(m.rope.inv_freq, dtype=np.float32)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * inv_freq  # [C, D/2]
         self._cos = np.cos(angles) * np.float32(m.rope.attention_scaling)
@@ -228,6 +231,8 @@ class MoEModel:
              selection: np.ndarray | None) -> np.ndarray:
         """x [T, H] -> sum over each token's chosen experts of weight * expert(x)."""
         experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
+        if self.routing_trace is not None:
+            self.routing_trace[-1][layer] = experts
         needed = [int(e) for e in np.unique(experts)]
         # Run the cached experts first (a miss may evict one this layer still needs), but
         # add the outputs up in expert order: the sum must not depend on the cache.
@@ -268,6 +273,8 @@ class MoEModel:
         masks = {}  # sliding window (0 = none) -> [T, S] mask
         feeds = {"cos": self._cos[start:end], "sin": self._sin[start:end]}
         hidden = self._embed.run(None, {"input_ids": ids})[0]
+        if self.routing_trace is not None:
+            self.routing_trace.append({})
         scale = np.float32(self.manifest.moe_output_scale)
         for layer, session in enumerate(self._layers):
             window = self._layer_info[layer].sliding_window
@@ -289,6 +296,20 @@ class MoEModel:
         return hidden
 
     # -- public API -------------------------------------------------------------------------
+
+    @contextmanager
+    def trace_routing(self) -> Iterator[list[dict[int, np.ndarray]]]:
+        """Record routing while inside: a list with one {layer: experts [T, k]} per forward
+        chunk (a prefill chunk of T tokens, or one decoded token), in order.
+
+            with model.trace_routing() as trace:
+                model.logits(ids)
+        """
+        previous, self.routing_trace = self.routing_trace, []
+        try:
+            yield self.routing_trace
+        finally:
+            self.routing_trace = previous
 
     def reset(self) -> None:
         """Forget the conversation (the KV cache); experts stay cached."""
