@@ -17,6 +17,7 @@ import typer
 import mobilemoe
 from mobilemoe.errors import MobileMoEError
 
+from .bench import bench as _bench
 from .format import (
     fail,
     folder_bytes,
@@ -27,6 +28,8 @@ from .format import (
     user_errors,
 )
 from .inspection import inspect_model, print_inspection
+from .mobile import mobile as _mobile
+from .mobile import plan as _plan
 
 app = typer.Typer(
     name="mobilemoe",
@@ -47,6 +50,11 @@ ContextLength = Annotated[int | None, typer.Option(
     help="Tokens the KV cache holds (default: the model's, at most 4096).")]
 Package = Annotated[str, typer.Argument(help="A mobilemoe package folder.", metavar="PACKAGE",
                                          show_default=False)]
+OptionalPackage = Annotated[str | None, typer.Argument(
+    help="A mobilemoe package folder (default: the shipped demo model, exported once to "
+         "~/.cache/mobilemoe or $MOBILEMOE_CACHE).", metavar="[PACKAGE]", show_default=False)]
+ShowExperts = Annotated[bool, typer.Option(
+    "--show-experts", help="After each token, the experts each layer routed it to.")]
 
 
 def _version(value: bool) -> None:
@@ -67,6 +75,25 @@ def _load(package: str, memory_budget: str | None, threads: int | None,
           context_length: int | None) -> mobilemoe.MoEModel:
     return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
                           context_length=context_length)
+
+
+def _load_or_demo(package: str | None, memory_budget: str | None, threads: int | None,
+                  context_length: int | None) -> mobilemoe.MoEModel:
+    """The package, or with none the shipped demo model (exported once, cached)."""
+    if package is not None:
+        return _load(package, memory_budget, threads, context_length)
+    from mobilemoe.manifest import Manifest
+
+    from .demo import demo_context, demo_package
+    from .experts import stderr_say
+
+    _exporter()
+    path = demo_package(say=lambda text: None)
+    if context_length is None:
+        context_length = demo_context(Manifest.load(path).dims.max_position_embeddings)
+    stderr_say(f"(no package given: the demo model, {path}; a text-continuation model, "
+               "it does not follow instructions)")
+    return _load(str(path), memory_budget, threads, context_length)
 
 
 def _exporter():
@@ -111,9 +138,10 @@ def export(
 
 @app.command()
 def run(
-    package: Package,
-    prompt: Annotated[str, typer.Argument(help="Prompt text ('-' reads stdin).",
-                                          metavar="PROMPT", show_default=False)],
+    package: OptionalPackage = None,
+    prompt: Annotated[str | None, typer.Argument(
+        help="Prompt text ('-' reads stdin). Given alone, runs the demo model.",
+        metavar="PROMPT", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0,
                                             help="Most tokens to generate.")] = 256,
     temperature: Annotated[float | None, typer.Option(
@@ -129,18 +157,31 @@ def run(
         help="Stop when the text contains this (repeatable).")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Cache statistics on stderr at the end.")
                      ] = False,
+    show_experts: ShowExperts = False,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
+    if prompt is None:  # one argument: the prompt, for the default (demo) model
+        if package is not None and Path(package).expanduser().is_dir():
+            fail(f"give a prompt: mobilemoe run {package} PROMPT")
+        package, prompt = None, package
+    if prompt is None:
+        fail("give a prompt: mobilemoe run [PACKAGE] PROMPT")
     if prompt == "-":
         prompt = sys.stdin.read()
     with user_errors():
-        model = _load(package, memory_budget, threads, context_length)
-        text, _, interrupted = stream(model.generate(
+        model = _load_or_demo(package, memory_budget, threads, context_length)
+        tokens = model.generate(
             prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop=tuple(stop or ())))
+            top_p=top_p, seed=seed, stop=tuple(stop or ()))
+        if show_experts:
+            from .experts import stream_experts
+
+            text, _, interrupted = stream_experts(model, prompt[-12:], tokens)
+        else:
+            text, _, interrupted = stream(tokens)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats:
@@ -151,7 +192,7 @@ def run(
 
 @app.command()
 def chat(
-    package: Package,
+    package: OptionalPackage = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
                                             help="Most tokens per reply.")] = 256,
     temperature: Annotated[float | None, typer.Option(
@@ -163,6 +204,7 @@ def chat(
     top_p: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    show_experts: ShowExperts = False,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
@@ -171,20 +213,43 @@ def chat(
     from .chat import chat_loop
 
     with user_errors():
-        model = _load(package, memory_budget, threads, context_length)
+        model = _load_or_demo(package, memory_budget, threads, context_length)
     chat_loop(model, dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed))
+                          top_p=top_p, seed=seed), show_experts=show_experts)
 
 
 @app.command()
 def inspect(
     package: Package,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+    routing: Annotated[list[str] | None, typer.Option(
+        "--routing", metavar="[DOMAIN=]FILE",
+        help="Run a text file through the model and print expert usage per layer; repeat "
+             "with DOMAIN=FILE to compare domains (e.g. prose=a.txt --routing code=b.py).")
+    ] = None,
+    top1: Annotated[bool, typer.Option(
+        "--top1", help="With --routing: count first choices only, not all top-k.")] = False,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", "-n", min=1, help="With --routing: at most this many tokens per file.")
+    ] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
 ) -> None:
     """Architecture, quantization, sizes and the smallest memory budget that works."""
+    if routing:
+        from .experts import print_routing, routing_report
+
+        with user_errors():
+            with _load(package, memory_budget, threads, context_length) as model:
+                result = routing_report(model, routing, top1=top1, max_tokens=max_tokens)
+        if as_json:
+            typer.echo(json.dumps({k: ({d: v.tolist() for d, v in result[k].items()}
+                                       if k in ("usage", "tv") else result[k])
+                                   for k in result}, indent=2))
+        else:
+            print_routing(result, top1)
+        return
     with user_errors():
         info = inspect_model(package, memory_budget, threads, context_length)
     if as_json:
@@ -215,6 +280,11 @@ def demo(
     with user_errors():
         run_demo(out, memory_budget=memory_budget, prompt=prompt, max_tokens=max_tokens,
                  threads=threads, context_length=context_length)
+
+
+app.command(name="bench")(_bench)
+app.command(name="mobile")(_mobile)
+app.command(name="plan")(_plan)
 
 
 def main() -> None:
