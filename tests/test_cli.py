@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,8 +179,15 @@ def _read_until(proc: subprocess.Popen, seen: bytearray, marker: bytes, after: i
     return found + len(marker)
 
 
-def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(package):
-    proc = subprocess.Popen([str(SCRIPT), "chat", str(package), "-n", "2000"],
+def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(package, tmp_path):
+    # A copy that never ends a reply by itself: a random model may sample its end-of-sequence
+    # token early, and the reply must still be streaming when the interrupt arrives.
+    endless = tmp_path / "endless"
+    shutil.copytree(package, endless)
+    manifest = json.loads((endless / "manifest.json").read_text())
+    manifest["eos_token_ids"] = []
+    (endless / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.Popen([str(SCRIPT), "chat", str(endless), "-n", "2000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         seen = bytearray()
