@@ -47,16 +47,23 @@ class MemoryPlan:
         return self.dense_bytes + self.kv_bytes + self.activation_bytes + self.staging_bytes
 
     @property
+    def tightest_budget(self) -> int:
+        """The budget whose expert cache holds exactly one layer's top-k experts, for this
+        plan's measurements (a later load in the same process reuses them). What users are
+        told is `minimum_budget`, which adds headroom for a fresh process."""
+        return self.fixed_bytes + self.top_k * self.expert_session_bytes
+
+    @property
     def minimum_budget(self) -> int:
         """Measured need plus 2%, rounded up to 10 kB: sizes measured from RSS vary by about
         1% from one load to the next, and the number we print must be one that works."""
-        need = (self.fixed_bytes + self.top_k * self.expert_session_bytes) * 1.02
+        need = self.tightest_budget * 1.02
         return int(-(-need // 10_000) * 10_000)
 
     def expert_capacity(self, budget: int | None) -> int:
         if budget is None:
             return 1 << 62
-        if budget < self.fixed_bytes + self.top_k * self.expert_session_bytes:
+        if budget < self.tightest_budget:
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} is too small: this model needs at least "
                 f"{format_bytes(self.minimum_budget, round_up=True)} "

@@ -77,7 +77,7 @@ def test_paging_is_lossless(built, name):
     package = built(name, "q8")
     resident = mobilemoe.load(package)
     expected = resident.logits(PROMPT)
-    tight = mobilemoe.load(package, memory_budget=resident.plan.minimum_budget)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert tight.stats.evictions > 0

@@ -41,7 +41,7 @@ def test_evictions_in_every_layer_give_bit_identical_logits(package):
 
     policy = RecordingLRU()
     # The minimum holds exactly one layer's top-k experts: every layer must evict.
-    tight = mobilemoe.load(package, memory_budget=resident.plan.minimum_budget, policy=policy)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget, policy=policy)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert np.array_equal(tight.logits(PROMPT), expected)  # again, from a cache left by the last run
     stats = tight.stats
@@ -52,7 +52,7 @@ def test_evictions_in_every_layer_give_bit_identical_logits(package):
 
 def test_generation_under_a_tight_budget_is_identical(package):
     resident = mobilemoe.load(package)
-    tight = mobilemoe.load(package, memory_budget=resident.plan.minimum_budget)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
     a = [t.token_id for t in resident.generate(PROMPT[:6], max_new_tokens=12)]
     b = [t.token_id for t in tight.generate(PROMPT[:6], max_new_tokens=12)]
     assert a == b

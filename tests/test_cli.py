@@ -187,7 +187,8 @@ def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(package, tmp_path)
     manifest = json.loads((endless / "manifest.json").read_text())
     manifest["eos_token_ids"] = []
     (endless / "manifest.json").write_text(json.dumps(manifest))
-    proc = subprocess.Popen([str(SCRIPT), "chat", str(endless), "-n", "2000"],
+    # -c 4096: the reply must not stop at the test model's 256-token context either.
+    proc = subprocess.Popen([str(SCRIPT), "chat", str(endless), "-n", "2000", "-c", "4096"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         seen = bytearray()

@@ -63,7 +63,7 @@ def test_bundle_logits_are_bit_identical_to_the_package_under_eviction(package, 
     resident = load_bundle(bundle)
     assert np.array_equal(resident.logits(PROMPT), expected)
     assert all(is_ort_format(t) for t in resident._templates.values())
-    tight = load_bundle(bundle, memory_budget=resident.plan.minimum_budget)
+    tight = load_bundle(bundle, memory_budget=resident.plan.tightest_budget)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert tight.stats.evictions > 0
 
