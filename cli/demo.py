@@ -19,9 +19,13 @@ import importlib.resources
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
+
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
 
 import mobilemoe
 from mobilemoe.errors import MobileMoEError, PackageError
@@ -151,6 +155,29 @@ def _paging_budget(package: Path, threads: int | None, context_length: int) -> i
     return plan.minimum_budget + others * plan.expert_session_bytes // 3
 
 
+def _stream_with_live_stats(model: mobilemoe.MoEModel, prompt: str,
+                            tokens: Iterable[mobilemoe.Generated]) -> tuple[int, bool]:
+    """On a terminal: the text as it grows, with the cache statistics updating under it."""
+    text, count = Text(terminal_safe(prompt, True)), 0
+
+    def view() -> Group:
+        s = model.stats
+        line = (f"hits {s.hits}  misses {s.misses}  evictions {s.evictions}  hit rate "
+                f"{s.hit_rate:.0%}  paged in {megabytes(s.bytes_paged_in)}  expert cache "
+                f"{megabytes(s.expert_cache_bytes)} of {megabytes(s.expert_cache_capacity)}")
+        return Group(text, Text(line, style="dim"))
+
+    with Live(view(), refresh_per_second=8, transient=False) as live:
+        try:
+            for token in tokens:
+                count += 1
+                text.append(terminal_safe(token.text, True))
+                live.update(view())
+        except KeyboardInterrupt:
+            return count, True
+    return count, False
+
+
 def run_demo(out: Path, memory_budget: str | None = None, prompt: str = "Once upon a time",
              max_tokens: int = 60, threads: int | None = None,
              context_length: int | None = None) -> None:
@@ -182,11 +209,13 @@ def run_demo(out: Path, memory_budget: str | None = None, prompt: str = "Once up
          f"{megabytes(plan.expert_session_bytes)} each in memory)")
 
     _step(4, f"generate {max_tokens} tokens")
-    sys.stdout.write(terminal_safe(prompt, sys.stdout.isatty()))
-    sys.stdout.flush()
     start = time.perf_counter()
-    _, count, interrupted = stream(model.generate(prompt, max_new_tokens=max_tokens,
-                                                  **GENERATION))
+    tokens = model.generate(prompt, max_new_tokens=max_tokens, **GENERATION)
+    if sys.stdout.isatty():
+        count, interrupted = _stream_with_live_stats(model, prompt, tokens)
+    else:
+        sys.stdout.write(prompt)
+        _, count, interrupted = stream(tokens)
     seconds = time.perf_counter() - start
     sys.stdout.write(" [interrupted]\n" if interrupted else "\n")
 

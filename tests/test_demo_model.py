@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +113,28 @@ def test_inspect_routing_shows_prose_and_code_use_different_experts(runner, pack
 def test_run_with_a_package_and_no_prompt_asks_for_one(runner, package):
     result = runner.invoke(app, ["run", str(package)])
     assert result.exit_code == 1 and "give a prompt" in result.stderr
+
+
+def test_demo_on_a_terminal_shows_live_statistics(tmp_path):
+    """`mobilemoe demo` (what `make demo` runs) on a terminal: the trained model's text
+    streams with the cache statistics updating under it, and the budget forces paging."""
+    script = Path(sys.executable).parent / "mobilemoe"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([str(script), "demo", "--out", str(tmp_path)], stdout=follower,
+                            stderr=follower, stdin=subprocess.DEVNULL, close_fds=True)
+    os.close(follower)
+    output = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the demo has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, output.decode(errors="replace")[-2000:]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+    live = text[text.index("[4/5]"):text.index("[5/5]")]
+    assert "trained demo model" in text
+    assert re.search(r"hits \d+\s+misses \d+\s+evictions [1-9]\d*", live), live
