@@ -83,7 +83,7 @@ def plan(
         "(default: measured on the reference machine).", show_default=False)] = None,
     kernel_rate: Annotated[str | None, typer.Option(
         "--kernel-rate", metavar="RATE", help="Expert weights one thread streams at one token, "
-        "e.g. 1.6GB/s (default: measured on the reference machine).", show_default=False)] = None,
+        "e.g. 5GB/s (default: measured on the reference machine).", show_default=False)] = None,
     context_length: Annotated[int | None, typer.Option(
         "--context-length", "-c", min=1, help="KV cache tokens (default: the model's, at most 4096).")
     ] = None,

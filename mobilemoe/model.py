@@ -146,6 +146,7 @@ class MoEModel:
         self._embed = create_session(self._read_graph(m.embed_graph))
         self._layers = [create_session(self._read_graph(g)) for g in m.layer_graphs]
         self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self._layers]
+        self._check_layer_outputs()
         self._head = create_session(self._read_graph(m.head_graph))
         self._warm_up_dense()
         release_freed_memory()
@@ -175,6 +176,18 @@ class MoEModel:
             raise PackageError(f"{self.package}: {ref.path} does not match its checksum "
                                "(corrupt or modified; re-export the package)")
         return data
+
+    def _check_layer_outputs(self) -> None:
+        """A layer graph must give what the forward pass reads (a graph from another exporter
+        version would otherwise fail at the first token with a KeyError)."""
+        for layer, names in enumerate(self._layer_outputs):
+            need = {"residual", "key", "value"}
+            if self._layer_info[layer].moe:
+                need |= {"moe_input", "router_logits"}
+            if need - set(names):
+                raise PackageError(
+                    f"{self.package}: layer {layer}'s graph lacks outputs "
+                    f"{sorted(need - set(names))}; re-export the package with this version")
 
     def _warm_up_dense(self) -> None:
         """One token through every dense graph (no experts, KV cache untouched): a session's

@@ -60,11 +60,12 @@ DENSE_SESSION_OVERHEAD = 800_000
 PREFILL_CHUNK = 256  # as in mobilemoe.model
 DEFAULT_CONTEXT = 4096
 
-# This machine's measured figures (2-core x86-64, ONNX Runtime 1.32; docs/MOBILE.md), used
-# when a device's own are unknown.
-PAGE_IN_MS_PER_MB = 5.0  # building an expert session (prepacking), per MB of block
-KERNEL_RATE_PER_THREAD = 1.6e9  # bytes of int4 expert weights MatMulNBits streams per second, M=1
-CALL_OVERHEAD_S = 40e-6  # per session.run in the runtime's decode loop, numpy routing included
+# Measured on the reference machine (2-core x86-64 VM, ONNX Runtime 1.32, one thread;
+# mobilemoe.probe, docs/MOBILE.md), used when a device's own figures are unknown: measure
+# them on the device for real predictions.
+PAGE_IN_MS_PER_MB = 3.5  # a miss in a full cache: evict, build the session (prepack), per MB
+KERNEL_RATE_PER_THREAD = 5e9  # bytes of int4 expert block one thread runs through per second, M=1
+CALL_OVERHEAD_S = 75e-6  # per session run in the Python decode loop, numpy routing included
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ exported, then damaged on a copy) and real ONNX Runtime:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from checkpoints import build_mixtral
@@ -576,3 +578,24 @@ def test_empty_token_list(package):
             model.logits([])
         with pytest.raises(MobileMoEError, match="the prompt is empty"):
             next(model.generate([]))
+
+
+def test_layer_graph_from_another_exporter_version(pkg):
+    """A layer graph whose outputs are not the ones the runtime reads (e.g. the name an older
+    exporter used) is refused at load, even with a matching checksum."""
+    path = pkg / "graphs" / "layer_000.onnx"
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.output[:] = ["attn_residual" if o == "residual" else o for o in node.output]
+    for output in model.graph.output:
+        if output.name == "residual":
+            output.name = "attn_residual"
+    data = model.SerializeToString()
+    path.write_bytes(data)
+
+    def point_at_new_graph(d: dict) -> None:
+        d["layer_graphs"][0].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    edit_manifest(pkg, point_at_new_graph)
+    with pytest.raises(PackageError, match=r"layer 0's graph lacks outputs \['residual'\]"):
+        mobilemoe.load(pkg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import build_mixtral
+from mobilemoe.cli.demo import demo_package
 from mobilemoe.cli.main import app
 from mobilemoe.export import export_model
 from mobilemoe.export.synthetic import write_random_mixtral
@@ -179,15 +180,15 @@ def _read_until(proc: subprocess.Popen, seen: bytearray, marker: bytes, after: i
     return found + len(marker)
 
 
-def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(package, tmp_path):
-    # A copy that never ends a reply by itself: a random model may sample its end-of-sequence
-    # token early, and the reply must still be streaming when the interrupt arrives.
+def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(tmp_path):
+    # The shipped demo model, in a copy that never ends a reply by itself, with room for
+    # 2000 tokens: the reply must still be streaming when the interrupt arrives (the tiny
+    # test model decodes a short reply faster than the pipe is read).
     endless = tmp_path / "endless"
-    shutil.copytree(package, endless)
+    shutil.copytree(demo_package(tmp_path / "demo", say=lambda text: None), endless)
     manifest = json.loads((endless / "manifest.json").read_text())
     manifest["eos_token_ids"] = []
     (endless / "manifest.json").write_text(json.dumps(manifest))
-    # -c 4096: the reply must not stop at the test model's 256-token context either.
     proc = subprocess.Popen([str(SCRIPT), "chat", str(endless), "-n", "2000", "-c", "4096"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
