@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from mobilemoe.manifest import (
 
 from .architectures import ArchitectureSpec, Role, find_spec
 from .assets import chat_template, copy_tokenizer, generation_settings
+from .atomic import atomic_folder
 from .attention import AttentionOptions
 from .checkpoint import Checkpoint
 from .layer_graph import LayerOptions, layer_graph
@@ -79,22 +78,10 @@ def export_model(src: str | Path, out: str | Path, bits: int = 4, dense_bits: in
     dims = model_dims(spec, config)
     layout = CheckpointLayout(spec, config, Checkpoint(folder), dims)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "graphs").mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
+        (tmp / "graphs").mkdir()
         _write_package(tmp, folder, config, spec, layout,
                        Quantization(bits, dense_bits, block_size, accuracy_level), progress)
-        if out.exists():  # --overwrite: swap only now that the new package is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

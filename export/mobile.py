@@ -37,6 +37,7 @@ from mobilemoe.manifest import MANIFEST_FILE, Manifest, resolve_inside
 from mobilemoe.planner import BUDGET_RULE, Device, plan, plan_table
 from mobilemoe.units import parse_bytes
 
+from .atomic import atomic_folder
 from .ort_format import (
     ABIS,
     config_operators,
@@ -78,21 +79,8 @@ def export_mobile(package: str | Path, out: str | Path, ram: int | str = "8GB",
         raise ExportError(f"{out} already exists (choose another -o, or pass --overwrite)")
     say = log or (lambda message: None)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         _write_bundle(package, manifest, tmp, ram, abi, threads, say)
-        if out.exists():  # --overwrite: swap only now that the new bundle is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
