@@ -50,6 +50,16 @@ ContextLength = Annotated[int | None, typer.Option(
     help="Tokens the KV cache holds (default: the model's, at most 4096).")]
 Package = Annotated[str, typer.Argument(help="A mobilemoe package folder.", metavar="PACKAGE",
                                          show_default=False)]
+# Sampling settings: None = the package's generation_config (greedy unless it samples).
+Temperature = Annotated[float | None, typer.Option(
+    "--temperature", "-t", min=0.0,
+    help="0 = greedy. Default: the model's generation_config (greedy if it does not sample).",
+    show_default=False)]
+TopK = Annotated[int | None, typer.Option(
+    min=0, help="Sample from the k likeliest (0 = all).", show_default=False)]
+TopP = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)]
+Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 OptionalPackage = Annotated[str | None, typer.Argument(
     help="A mobilemoe package folder (default: the shipped demo model, exported once to "
          "~/.cache/mobilemoe or $MOBILEMOE_CACHE).", metavar="[PACKAGE]", show_default=False)]
@@ -144,15 +154,10 @@ def run(
         metavar="PROMPT", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0,
                                             help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float | None, typer.Option(
-        "--temperature", "-t", min=0.0,
-        help="0 = greedy. Default: the model's generation_config (greedy if it does not sample).",
-        show_default=False)] = None,
-    top_k: Annotated[int | None, typer.Option(
-        min=0, help="Sample from the k likeliest (0 = all).", show_default=False)] = None,
-    top_p: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when the text contains this (repeatable).")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Cache statistics on stderr at the end.")
@@ -195,15 +200,10 @@ def chat(
     package: OptionalPackage = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
                                             help="Most tokens per reply.")] = 256,
-    temperature: Annotated[float | None, typer.Option(
-        "--temperature", "-t", min=0.0,
-        help="0 = greedy. Default: the model's generation_config (greedy if it does not sample).",
-        show_default=False)] = None,
-    top_k: Annotated[int | None, typer.Option(
-        min=0, help="Sample from the k likeliest (0 = all).", show_default=False)] = None,
-    top_p: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="Nucleus sampling mass.", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
     show_experts: ShowExperts = False,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
