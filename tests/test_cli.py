@@ -189,8 +189,11 @@ def test_chat_ctrl_c_stops_the_reply_then_quits_at_the_prompt(tmp_path):
     manifest = json.loads((endless / "manifest.json").read_text())
     manifest["eos_token_ids"] = []
     (endless / "manifest.json").write_text(json.dumps(manifest))
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that: give it the default disposition, as a terminal would.
     proc = subprocess.Popen([str(SCRIPT), "chat", str(endless), "-n", "2000", "-c", "4096"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = bytearray()
         at = _read_until(proc, seen, b"> ")
