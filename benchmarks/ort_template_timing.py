@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from mobilemoe.export.model_graphs import expert_template_graph, expert_tensor_shapes
-from mobilemoe.export.ort_format import convert_to_ort
-from onnx import helper
+from mobilemoe.export.ort_format import convert_to_ort, weights_as_inputs
 
 from mobilemoe.bundle import create_session_with_initializers
 from mobilemoe.ort_sessions import (
@@ -57,12 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_ort(onnx_template, Path(tmp) / "t.ort")
         ort_template = (Path(tmp) / "t.ort").read_bytes()
-    as_inputs = onnx.ModelProto()
-    as_inputs.CopyFrom(model)
-    del as_inputs.graph.initializer[:]
-    for n, (d, s) in shapes.items():
-        as_inputs.graph.input.append(helper.make_tensor_value_info(
-            n, helper.np_dtype_to_tensor_dtype(d), list(s)))
+    as_inputs = weights_as_inputs(model)
     x = rng.standard_normal((1, args.hidden)).astype(np.float32)
 
     def in_place(w):

@@ -38,6 +38,20 @@ def supplied_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The template with its supplied weights turned into graph inputs: the slow path
+    (no prepacking) that the measurements compare the supplied-weights path against."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    supplied = [t for t in out.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    for t in supplied:
+        out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    kept = [t for t in out.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
 def convert_to_ort(model_bytes: bytes, target: Path, platform: str = "arm") -> list[str]:
     """Write `model_bytes` (ONNX) to `target` in ORT format, optimized like the official tool.
 

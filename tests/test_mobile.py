@@ -11,7 +11,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from checkpoints import build_mixtral
@@ -19,7 +18,6 @@ from mobilemoe.cli.main import app
 from mobilemoe.export import export_model
 from mobilemoe.export import mobile as mobile_module
 from mobilemoe.export.mobile import BUNDLE_ALIGNMENT, export_mobile
-from onnx import helper
 from onnxruntime.tools.reduced_build_config_parser import parse_config
 from typer.testing import CliRunner
 
@@ -116,11 +114,10 @@ def test_ort_template_takes_weights_through_add_initializer_only(package, bundle
 def test_ort_template_with_add_initializer_keeps_the_prepacked_fast_path():
     """Run time of one expert (OLMoE-sized, ~4 MB at int4), M=1: ORT template + add_initializer
     vs ONNX template + add_external_initializers vs the weights fed as graph inputs."""
-    try:
-        from mobilemoe.export.model_graphs import expert_template_graph, expert_tensor_shapes
-    except ImportError:  # before the exporter's graph modules were split
-        from mobilemoe.export.graphs import expert_template_graph, expert_tensor_shapes
-    from mobilemoe.export.ort_format import convert_to_ort
+    import tempfile
+
+    from mobilemoe.export.model_graphs import expert_template_graph, expert_tensor_shapes
+    from mobilemoe.export.ort_format import convert_to_ort, weights_as_inputs
 
     hidden, inter = 2048, 1024
     model = expert_template_graph(hidden, inter, 4, 32, 4)
@@ -128,14 +125,9 @@ def test_ort_template_with_add_initializer_keeps_the_prepacked_fast_path():
     rng = np.random.default_rng(0)
     weights = {n: rng.integers(0, 256, s, dtype=np.uint8) if d == np.uint8 else
                (rng.random(s, dtype=np.float32) * 0.01) for n, (d, s) in shapes.items()}
-    tmp = Path(__import__("tempfile").mkdtemp())
+    tmp = Path(tempfile.mkdtemp())
     convert_to_ort(model.SerializeToString(), tmp / "t.ort")
-    as_inputs = onnx.ModelProto()
-    as_inputs.CopyFrom(model)
-    del as_inputs.graph.initializer[:]
-    for n, (d, s) in shapes.items():
-        as_inputs.graph.input.append(helper.make_tensor_value_info(
-            n, helper.np_dtype_to_tensor_dtype(d), list(s)))
+    as_inputs = weights_as_inputs(model)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
 
     def per_run(session, feeds, n=20):

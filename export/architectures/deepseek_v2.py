@@ -16,7 +16,15 @@ skip the scaling; every released V2 config has norm_topk_prob false, where the t
 import math
 
 from .base import ArchitectureSpec, Role, RouterSpec
-from .names import DENSE_MLP, SHARED_MLP, P, expert_tensors, fused_expert_tensors, mlp_tensors
+from .names import (
+    DENSE_MLP,
+    SHARED_MLP,
+    P,
+    expert_tensors,
+    fused_expert_tensors,
+    llama_tensors,
+    mlp_tensors,
+)
 
 
 def is_moe_layer(config: dict, layer: int) -> bool:
@@ -41,11 +49,7 @@ def multipliers(config: dict) -> dict[str, float]:
 
 
 TENSORS = {
-    "model.embed_tokens.weight": Role.EMBED,
-    "model.norm.weight": Role.FINAL_NORM,
-    "lm_head.weight": Role.LM_HEAD,
-    f"{P}.input_layernorm.weight": Role.ATTN_NORM,
-    f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
+    **llama_tensors(gqa=False),  # embeddings, norms, LM head; attention is MLA below
     f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
     f"{P}.self_attn.q_a_proj.weight": Role.ATTN_Q_A,
     f"{P}.self_attn.q_a_layernorm.weight": Role.ATTN_Q_A_NORM,

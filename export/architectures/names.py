@@ -11,15 +11,19 @@ from .base import Role
 P = "model.layers.{layer}"
 
 
-def llama_tensors(attention_biases: tuple[str, ...] = ()) -> dict[str, Role]:
-    """Embeddings, final norm, LM head, the two per-layer RMSNorms and q/k/v/o; with biases
-    on the projections named in `attention_biases` (e.g. ("q", "k", "v"))."""
+def llama_tensors(attention_biases: tuple[str, ...] = (), gqa: bool = True) -> dict[str, Role]:
+    """Embeddings, final norm, LM head, the two per-layer RMSNorms and (gqa) q/k/v/o; with
+    biases on the projections named in `attention_biases` (e.g. ("q", "k", "v"))."""
     table = {
         "model.embed_tokens.weight": Role.EMBED,
         "model.norm.weight": Role.FINAL_NORM,
         "lm_head.weight": Role.LM_HEAD,
         f"{P}.input_layernorm.weight": Role.ATTN_NORM,
         f"{P}.post_attention_layernorm.weight": Role.FFN_NORM,
+    }
+    if not gqa:
+        return table
+    table |= {
         f"{P}.self_attn.q_proj.weight": Role.ATTN_Q,
         f"{P}.self_attn.k_proj.weight": Role.ATTN_K,
         f"{P}.self_attn.v_proj.weight": Role.ATTN_V,
