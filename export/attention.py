@@ -3,7 +3,14 @@
 Variants, all chosen by which tensors the checkpoint has plus the spec's `qk_norm`:
 q/k/v/o biases (Qwen2-MoE, GPT-OSS), q/k RMSNorm per head (Qwen3-MoE) or over the whole
 projection (OLMoE), clip_qkv (OLMoE), a custom score scale (Granite), attention sinks
-(GPT-OSS). Sliding windows need no graph change: the runtime feeds a windowed mask.
+(GPT-OSS), sliding windows (GPT-OSS, Mistral-style configs).
+
+The attention itself is ONNX Runtime's fused `com.microsoft.GroupQueryAttention` over a KV
+cache the runtime preallocates for the whole context, [1, kvh, C, D] per layer. The runtime
+binds the op's `present_*` outputs to the same memory as its `past_*` inputs, so the op writes
+the new keys and values in place and reads only the first `total_sequence_length` positions:
+nothing is concatenated or transposed per step. (Built from standard ops instead, the copies
+of the cache cost 2 ms a layer at 256 tokens of context, 10x the attention itself.)
 """
 
 from __future__ import annotations
@@ -13,11 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mobilemoe.manifest import cache_head_dim
+
 from .architectures import Role
 from .graphs import GraphBuilder, linear, norm, rope
 from .quantize import QuantizedLinear
 
 Quantize = Callable[[np.ndarray], QuantizedLinear]
+
+
+# Graph outputs of the layer graph that alias the KV cache (see the module docstring).
+PRESENT_KEY = "present_key"
+PRESENT_VALUE = "present_value"
 
 
 @dataclass(frozen=True)
@@ -27,9 +41,10 @@ class AttentionInputs:
     x: str  # normed hidden [T, H]
     cos: str  # [T, R/2]
     sin: str
-    mask: str  # [T, S]: 0 where attended, -inf elsewhere
-    past_key: str  # [P, kvh, Dk]
-    past_value: str  # [P, kvh, Dv]
+    past_key: str  # the layer's whole key cache [1, kvh, C, Dc]
+    past_value: str  # [1, kvh, C, Dc]
+    seqlens_k: str  # int32 [1]: positions valid after this step, minus one
+    total_length: str  # int32 scalar: positions valid after this step
 
 
 @dataclass(frozen=True)
@@ -44,11 +59,12 @@ class AttentionOptions:
     clip_qkv: float | None
     accuracy_level: int
     rope_interleaved: bool = False  # DeepSeek's pairwise RoPE (export/mla.py reorders for it)
+    sliding_window: int = 0  # attend to the last this many positions (the token's own included)
 
 
 def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarray],
-                  quantize: Quantize, o: AttentionOptions, path: str) -> tuple[str, str, str]:
-    """-> (attention output [T, H], new keys [T, kvh, D] with RoPE, new values [T, kvh, D])."""
+                  quantize: Quantize, o: AttentionOptions, path: str) -> str:
+    """-> attention output [T, H]; the new keys (with RoPE) and values go into the cache."""
     kvh, d, groups = o.num_kv_heads, o.head_dim, o.num_heads // o.num_kv_heads
     acc = o.accuracy_level
     q = linear(b, inp.x, quantize(t[Role.ATTN_Q]), f"{path}/q_proj", acc, t.get(Role.ATTN_Q_BIAS))
@@ -74,43 +90,46 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     q = rope(b, q, cos_q, sin_q, f"{path}/rope_q")
     k = rope(b, k, cos_k, sin_k, f"{path}/rope_k")
     ctx = attention_core(b, q, k, v, inp, o, t.get(Role.ATTN_SINKS), path)
-    out = linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
-    return out, k, v
+    return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
+
+
+def _pad_last(b: GraphBuilder, x: str, rank: int, size: int, width: int, path: str) -> str:
+    """Zero-pad the last axis of a rank-`rank` value from `size` to `width`."""
+    if size == width:
+        return x
+    pads = [0] * (2 * rank)
+    pads[-1] = width - size
+    return b.op("Pad", [x, b.const(pads)], path)
 
 
 def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: AttentionInputs,
                    o: AttentionOptions, sinks: np.ndarray | None, path: str) -> str:
-    """softmax(q.k * scale + mask) . v over past and new keys -> context [T, nh * Dv].
+    """softmax(q.k * scale + causal mask) . v over the cached and new keys -> [T, nh * Dv].
 
-    q [T, kvh, G, Dk] (RoPE applied), k_new [T, kvh, Dk], v_new [T, kvh, Dv].
-    With sinks, each head's learned logit joins the softmax as one more column, then is
-    dropped: it takes probability mass without contributing a value.
+    q [T, kvh, G, Dk] (RoPE applied), k_new [T, kvh, Dk], v_new [T, kvh, Dv]. Query head
+    h = kv_head * G + g uses kv head h // G, as GroupQueryAttention expects. With sinks, each
+    head's learned logit joins the softmax denominator without contributing a value.
+
+    The fused attention wants one head width for keys and values, a multiple of 8: q, k and v
+    are zero-padded to `cache_head_dim` (zeros change no dot product; the scale is explicit)
+    and the padding is cut from the output. Only DeepSeek's MLA (values narrower than keys)
+    and tiny test models pad at all.
     """
-    keys = b.op("Concat", [inp.past_key, k_new], f"{path}/keys/Concat", axis=0)  # [S, kvh, Dk]
-    values = b.op("Concat", [inp.past_value, v_new], f"{path}/values/Concat", axis=0)
-    q_t = b.op("Transpose", [q], f"{path}/q/Transpose", perm=[1, 2, 0, 3])  # [kvh, G, T, Dk]
-    k_t = b.op("Transpose", [keys], f"{path}/keys/Transpose", perm=[1, 2, 0])  # [kvh, Dk, S]
-    k_t = b.op("Unsqueeze", [k_t, b.const([1])], f"{path}/keys/Unsqueeze")  # [kvh, 1, Dk, S]
-    v_t = b.op("Transpose", [values], f"{path}/values/Transpose", perm=[1, 0, 2])  # [kvh, S, Dv]
-    v_t = b.op("Unsqueeze", [v_t, b.const([1])], f"{path}/values/Unsqueeze")  # [kvh, 1, S, Dv]
-    scores = b.op("MatMul", [q_t, k_t], f"{path}/scores/MatMul")  # [kvh, G, T, S]
-    scores = b.op("Mul", [scores, b.const(o.scale, np.float32)], f"{path}/scores/Scale")
-    scores = b.op("Add", [scores, inp.mask], f"{path}/scores/Mask")
-    if sinks is None:
-        probs = b.op("Softmax", [scores], f"{path}/Softmax", axis=-1)
-    else:
-        groups = o.num_heads // o.num_kv_heads
-        sink = b.weight(f"{path}.sinks", sinks.reshape(o.num_kv_heads, groups, 1, 1))
-        shape = b.op("Shape", [scores], f"{path}/sinks/Shape")  # [kvh, G, T, S]
-        column = b.op("Concat", [b.op("Slice", [shape, b.const([0]), b.const([3])],
-                                      f"{path}/sinks/Slice"), b.const([1])],
-                      f"{path}/sinks/ColumnShape", axis=0)  # [kvh, G, T, 1]
-        sink = b.op("Expand", [sink, column], f"{path}/sinks/Expand")
-        both = b.op("Concat", [scores, sink], f"{path}/sinks/Concat", axis=-1)  # [.., S + 1]
-        probs = b.op("Softmax", [both], f"{path}/Softmax", axis=-1)
-        probs = b.op("Slice", [probs, b.const([0]), b.const([-1]), b.const([-1])],
-                     f"{path}/sinks/Drop")
-    ctx = b.op("MatMul", [probs, v_t], f"{path}/context/MatMul")  # [kvh, G, T, Dv]
-    ctx = b.op("Transpose", [ctx], f"{path}/context/Transpose", perm=[2, 0, 1, 3])  # [T,kvh,G,Dv]
-    return b.op("Reshape", [ctx, b.const([-1, o.num_heads * o.value_head_dim])],
-                f"{path}/context/Reshape")  # [T, nh * Dv]
+    nh, kvh, dk, dv = o.num_heads, o.num_kv_heads, o.head_dim, o.value_head_dim
+    width = cache_head_dim(dk, dv)
+    q, k_new, v_new = (_pad_last(b, y, rank, d, width, f"{path}/{name}/Pad") for y, rank, d, name
+                       in ((q, 4, dk, "q"), (k_new, 3, dk, "k"), (v_new, 3, dv, "v")))
+    flat = [b.op("Reshape", [y, b.const([1, -1, n * width])], f"{path}/{name}/Flatten")  # [1,T,.]
+            for y, name, n in ((q, "q", nh), (k_new, "k", kvh), (v_new, "v", kvh))]
+    inputs = [*flat, inp.past_key, inp.past_value, inp.seqlens_k, inp.total_length]
+    if sinks is not None:  # optional inputs 7-10: cos/sin caches, position ids, attention bias
+        inputs += ["", "", "", "", b.weight(f"{path}.sinks", sinks.astype(np.float32))]
+    ctx = b.op("GroupQueryAttention", inputs, f"{path}/GroupQueryAttention",
+               outputs=[f"{path}/GroupQueryAttention/output_0", PRESENT_KEY, PRESENT_VALUE],
+               domain="com.microsoft", num_heads=nh, kv_num_heads=kvh, scale=float(o.scale),
+               local_window_size=o.sliding_window or -1)[0]  # [1, T, nh * width]
+    if dv < width:
+        ctx = b.op("Reshape", [ctx, b.const([-1, nh, width])], f"{path}/context/Heads")
+        ctx = b.op("Slice", [ctx, b.const([0]), b.const([dv]), b.const([2])],
+                   f"{path}/context/Unpad")  # [T, nh, Dv]
+    return b.op("Reshape", [ctx, b.const([-1, nh * dv])], f"{path}/context/Reshape")  # [T, nh*Dv]

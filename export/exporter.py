@@ -141,7 +141,8 @@ def _write_package(tmp: Path, folder: Path, config: dict, spec: ArchitectureSpec
             bar.set_postfix_str(f"layer {layer}")
             options = LayerOptions(layer=layer, moe=layout.moe_layers[layer], attention=attention,
                                    residual_multiplier=mult.get("residual", 1.0),
-                                   rope_dim=2 * len(layout.rope.inv_freq), accuracy_level=acc)
+                                   rope_dim=2 * len(layout.rope.inv_freq), accuracy_level=acc,
+                                   sliding_window=layout.sliding_windows[layer])
             model = layer_graph(dims, layout.layer_tensors(layer), dense, options)
             layer_refs.append(_save_graph(model, tmp, f"layer_{layer:03d}.onnx"))
             bar.update()

@@ -2,8 +2,9 @@
 
 Node and value names follow the module path they come from
 (`/model/layers.3/self_attn/q_proj/MatMulNBits`), so a profile or a Netron view reads like
-the transformers code. Only standard ONNX ops (opset 17) plus `com.microsoft.MatMulNBits`,
-which every ONNX Runtime build since 1.17 has, including ONNX Runtime Mobile.
+the transformers code. Only standard ONNX ops (opset 17) plus two contrib ops every ONNX
+Runtime build since 1.18 has, including ONNX Runtime Mobile: `com.microsoft.MatMulNBits` and
+`com.microsoft.GroupQueryAttention`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .quantize import QuantizedLinear
 
 OPSET = 17
 FLOAT = TensorProto.FLOAT
+INT32 = TensorProto.INT32
 
 
 class GraphBuilder:
@@ -34,7 +36,8 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        self.op("Identity", [value], f"/outputs/{name}", outputs=[name])
+        if value != name:  # a node already writing `name` (a KV cache alias) needs no copy
+            self.op("Identity", [value], f"/outputs/{name}", outputs=[name])
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:

@@ -1,6 +1,6 @@
 """One decoder layer's graph: everything except the routed experts.
 
-    hidden [T,H] ─ norm ─ attention (KV: past [P,kvh,D] in, new [T,kvh,D] out)
+    hidden [T,H] ─ norm ─ attention (KV cache [1,kvh,C,D] in, the same buffer out: in place)
         h = hidden + residual_multiplier * attention
     h ─ norm ─> moe_input [T,H]
         MoE layer:   router_logits = moe_input @ router.T (+ bias), float32     [T,E]
@@ -13,7 +13,7 @@ The runtime adds residual_multiplier * (weighted routed experts) to `residual`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -22,8 +22,15 @@ from mobilemoe.errors import ExportError
 from mobilemoe.manifest import ModelDims
 
 from .architectures import Role
-from .attention import AttentionInputs, AttentionOptions, Quantize, gqa_attention
-from .graphs import FLOAT, GraphBuilder, norm, scale, swiglu_mlp
+from .attention import (
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    AttentionInputs,
+    AttentionOptions,
+    Quantize,
+    gqa_attention,
+)
+from .graphs import FLOAT, INT32, GraphBuilder, norm, scale, swiglu_mlp
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class LayerOptions:
     residual_multiplier: float
     rope_dim: int
     accuracy_level: int
+    sliding_window: int = 0  # 0: attend to the whole context
 
 
 def layer_graph(dims: ModelDims, t: dict[Role, np.ndarray], quantize: Quantize,
@@ -43,24 +51,26 @@ def layer_graph(dims: ModelDims, t: dict[Role, np.ndarray], quantize: Quantize,
     p = f"/model/layers.{opts.layer}"
     b = GraphBuilder(f"layer_{opts.layer}")
     hidden = b.input("hidden", FLOAT, ["T", h])
+    cache = [1, kvh, "C", dims.cache_head_dim]
+    x = norm(b, hidden, t[Role.ATTN_NORM], t.get(Role.ATTN_NORM_BIAS), eps, f"{p}/input_layernorm")
     inp = AttentionInputs(
-        x="",
+        x=x,
         cos=b.input("cos", FLOAT, ["T", opts.rope_dim // 2]),
         sin=b.input("sin", FLOAT, ["T", opts.rope_dim // 2]),
-        mask=b.input("mask", FLOAT, ["T", "S"]),
-        past_key=b.input("past_key", FLOAT, ["P", kvh, dims.head_dim]),
-        past_value=b.input("past_value", FLOAT, ["P", kvh, dims.value_head_dim]),
+        past_key=b.input("past_key", FLOAT, cache),
+        past_value=b.input("past_value", FLOAT, cache),
+        seqlens_k=b.input("seqlens_k", INT32, [1]),
+        total_length=b.input("total_sequence_length", INT32, []),
     )
-    x = norm(b, hidden, t[Role.ATTN_NORM], t.get(Role.ATTN_NORM_BIAS), eps, f"{p}/input_layernorm")
-    inp = AttentionInputs(x, inp.cos, inp.sin, inp.mask, inp.past_key, inp.past_value)
+    attention = replace(opts.attention, sliding_window=opts.sliding_window)
     if Role.ATTN_KV_A in t:
         try:
             from .mla import mla_attention  # DeepSeek's multi-head latent attention
         except ImportError:
             raise ExportError("multi-head latent attention (DeepSeek) is not supported yet") from None
-        attn, key, value = mla_attention(b, inp, t, quantize, opts.attention, f"{p}/self_attn")
+        attn = mla_attention(b, inp, t, quantize, attention, f"{p}/self_attn")
     else:
-        attn, key, value = gqa_attention(b, inp, t, quantize, opts.attention, f"{p}/self_attn")
+        attn = gqa_attention(b, inp, t, quantize, attention, f"{p}/self_attn")
     residual = b.op("Add", [hidden, scale(b, attn, opts.residual_multiplier, f"{p}/attn/Scale")],
                     f"{p}/residual/Add")
     y = norm(b, residual, t[Role.FFN_NORM], t.get(Role.FFN_NORM_BIAS), eps,
@@ -98,6 +108,6 @@ def layer_graph(dims: ModelDims, t: dict[Role, np.ndarray], quantize: Quantize,
             selection = b.op("Add", [b.op("Sigmoid", [logits], f"{p}/mlp/gate/Sigmoid"), bias],
                              f"{p}/mlp/gate/Selection")
             b.output(selection, "router_selection", FLOAT, ["T", dims.num_experts])
-    b.output(key, "key", FLOAT, ["T", kvh, dims.head_dim])
-    b.output(value, "value", FLOAT, ["T", kvh, dims.value_head_dim])
+    b.output(PRESENT_KEY, PRESENT_KEY, FLOAT, cache)
+    b.output(PRESENT_VALUE, PRESENT_VALUE, FLOAT, cache)
     return b.model()

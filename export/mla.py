@@ -10,9 +10,10 @@
           k = concat(k_nope, k_rope) [T, nh, nope+R]
     attention_core(q, k, v) ─ o_proj ─> out [T, H]
 
-The KV cache holds the expanded per-head keys [T, nh, nope+R] and values [T, nh, Dv]:
-simple, and exact against transformers. Caching the latent instead (c_kv [T, L] and k_rope
-[T, R]: 576 floats per token and layer for DeepSeek-V2-Lite instead of 5,120) is a later
+The KV cache holds the expanded per-head keys [T, nh, nope+R] and values [T, nh, Dv] (padded
+to nope+R: the fused attention wants one width): simple, and exact against transformers.
+Caching the latent instead (c_kv [T, L] and k_rope [T, R]: 576 floats per token and layer for
+DeepSeek-V2-Lite instead of 6,144) is a later
 memory optimisation; it wants the "absorbed" form (q_nope through kv_b's key rows, kv_b's value
 rows after the attention) to stay fast.
 
@@ -49,8 +50,8 @@ def deinterleave_rope_rows(rows: int, period: int, offset: int, rope_dim: int) -
 
 
 def mla_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarray],
-                  quantize: Quantize, o: AttentionOptions, path: str) -> tuple[str, str, str]:
-    """-> (attention output [T, H], new keys [T, nh, nope+R] with RoPE, new values [T, nh, Dv])."""
+                  quantize: Quantize, o: AttentionOptions, path: str) -> str:
+    """-> attention output [T, H]; keys [T, nh, nope+R] (with RoPE) and values go to the cache."""
     nh, d, dv, acc = o.num_heads, o.head_dim, o.value_head_dim, o.accuracy_level
     latent = t[Role.ATTN_KV_A_NORM].shape[0]  # kv_lora_rank
     r = t[Role.ATTN_KV_A].shape[0] - latent  # qk_rope_head_dim
@@ -91,5 +92,4 @@ def mla_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     q = b.op("Unsqueeze", [q, b.const([2])], f"{path}/q/Unsqueeze")  # [T, nh, 1, D]: kvh = nh
     k = b.op("Concat", [k_nope, k_rope], f"{path}/k/Concat", axis=-1)  # [T, nh, D]
     ctx = attention_core(b, q, k, v, inp, o, None, path)  # [T, nh * Dv]
-    out = linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
-    return out, k, v
+    return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))

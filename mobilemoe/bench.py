@@ -16,7 +16,7 @@ Where the time goes is measured from outside the runtime, by a small instrumenta
 - the expert store's `read` (read + crc32 of one block)    -> part of "paging"
 and takes paging time from the cache's own statistics (evict + read + build the session).
 "other" is the rest of the wall time: Python and numpy between the sessions (routing,
-combining expert outputs, KV copies, masks, sampling). The wrappers cost two
+combining expert outputs, binding inputs, sampling). The wrappers cost two
 `perf_counter` calls per session run, about 0.2 µs against ~13 µs for the run itself.
 It reads private attributes of `MoEModel` (`_embed`, `_layers`, `_head`, `_store`, and
 `_cache` to preload); a part whose attribute is missing is reported as None, not an error.
@@ -115,27 +115,30 @@ class _Probe:
         self.seconds = {"dense": 0.0, "experts": 0.0, "read": 0.0}
         self.available = {"dense": False, "experts": False, "read": False}
         self._undo: list[tuple[object, str, bool, Any]] = []
-        dense = [getattr(model, "_embed", None), *getattr(model, "_layers", []),
-                 getattr(model, "_head", None)]
+        layers = [getattr(r, "session", r) for r in getattr(model, "_layers", [])]  # runners
+        dense = [getattr(model, "_embed", None), *layers, getattr(model, "_head", None)]
         if all(s is not None and hasattr(s, "run") for s in dense):
             dense_ids = frozenset(id(s) for s in dense)  # alive as long as the model
-            seconds, clock = self.seconds, time.perf_counter
             session_class = type(dense[0])
-            original = session_class.run
-
-            def run(session, *args, **kwargs):
-                start = clock()
-                try:
-                    return original(session, *args, **kwargs)
-                finally:
-                    seconds["dense" if id(session) in dense_ids else "experts"] += clock() - start
-
-            self._patch(session_class, "run", run)
+            for method in ("run", "run_with_iobinding"):  # layer graphs run with an IO binding
+                self._patch(session_class, method, self._timed_session(getattr(session_class, method),
+                                                                      dense_ids))
             self.available["dense"] = self.available["experts"] = True
         store = getattr(model, "_store", None)
         if store is not None and callable(getattr(store, "read", None)):
             self._patch(store, "read", self._timed(store.read, "read"))
             self.available["read"] = True
+
+    def _timed_session(self, original, dense_ids: frozenset[int]):
+        seconds, clock = self.seconds, time.perf_counter
+
+        def run(session, *args, **kwargs):
+            start = clock()
+            try:
+                return original(session, *args, **kwargs)
+            finally:
+                seconds["dense" if id(session) in dense_ids else "experts"] += clock() - start
+        return run
 
     def _patch(self, obj: object, name: str, value: Any) -> None:
         self._undo.append((obj, name, name in vars(obj), getattr(obj, name)))

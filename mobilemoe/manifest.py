@@ -21,7 +21,7 @@ ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 TENSOR_DTYPES = {"uint8": 1, "int8": 1, "float16": 2, "float32": 4}  # name -> itemsize
 FORMAT_NAME = "mobilemoe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attention over an in-place KV cache (GroupQueryAttention)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -44,6 +44,17 @@ class ModelDims:
         if not self.value_head_dim:
             object.__setattr__(self, "value_head_dim", self.head_dim)
 
+    @property
+    def cache_head_dim(self) -> int:
+        return cache_head_dim(self.head_dim, self.value_head_dim)
+
+
+def cache_head_dim(head_dim: int, value_head_dim: int) -> int:
+    """One head's width in the KV cache, keys and values alike: the fused attention
+    (GroupQueryAttention) wants one width, a multiple of 8; the layer graph zero-pads q, k and v
+    to it (DeepSeek's MLA has narrower values; tiny test models odd widths)."""
+    return -(-max(head_dim, value_head_dim) // 8) * 8
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -63,7 +74,7 @@ class Routing:
 @dataclass(frozen=True)
 class LayerInfo:
     moe: bool = True  # False: a dense MLP layer (no router, no experts)
-    sliding_window: int = 0  # attend to at most this many past positions; 0 = all
+    sliding_window: int = 0  # attend to at most this many positions (own included); 0 = all
 
 
 @dataclass(frozen=True)

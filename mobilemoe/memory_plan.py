@@ -19,13 +19,13 @@ FLOAT_BYTES = 4
 
 
 def kv_cache_bytes(dims: ModelDims, context_length: int) -> int:
-    per_token = dims.num_kv_heads * (dims.head_dim + dims.value_head_dim)  # keys + values
+    per_token = dims.num_kv_heads * 2 * dims.cache_head_dim  # keys + values
     return dims.num_layers * context_length * per_token * FLOAT_BYTES
 
 
 def activation_bytes(dims: ModelDims, chunk: int, context_length: int) -> int:
     """A generous estimate of the live intermediates while one prefill chunk runs."""
-    attention = 3 * dims.num_heads * chunk * context_length  # scores, masked, probabilities
+    attention = dims.num_heads * chunk * context_length  # the fused attention's scores
     hidden = 16 * chunk * dims.hidden_size  # residual stream, norms, q/k/v, outputs
     experts = 4 * chunk * dims.intermediate_size * 2  # gate_up and its activations
     logits = 2 * dims.vocab_size

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
@@ -70,17 +71,6 @@ class Stats:
         return asdict(self)
 
 
-def causal_mask(start: int, end: int, window: int = 0) -> np.ndarray:
-    """[T, S] additive mask for queries at positions start..end-1 over keys 0..end-1:
-    0 where key <= query (and, with a window, key > query - window), -inf elsewhere."""
-    query = np.arange(start, end)[:, None]
-    key = np.arange(end)[None, :]
-    visible = key <= query
-    if window:
-        visible &= key > query - window
-    return np.where(visible, 0.0, -np.inf).astype(np.float32)
-
-
 # Sizes measured from RSS, per graph checksum, kept for the life of the process: a later load
 # of the same package then plans with the same numbers (the first measurement is the
 # largest, as it also pays for ONNX Runtime's lazy initialisation).
@@ -91,19 +81,69 @@ def _remember(key: str, measured: int) -> int:
     return _MEASURED.setdefault(key, measured)
 
 
+def tokens_by_expert(experts: np.ndarray, weights: np.ndarray
+                     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """experts, weights [T, k] -> {expert: (rows of the tokens routed to it [n], their weights
+    [n])}, in expert order."""
+    groups = {}
+    for expert in np.unique(experts):
+        chosen = experts == expert  # [T, k]: a token picks an expert at most once
+        rows = np.nonzero(chosen.any(axis=1))[0]
+        groups[int(expert)] = rows, (weights[rows] * chosen[rows]).sum(axis=1)
+    return groups
+
+
 class KVCache:
-    """Keys and values of every layer, preallocated: [layers, context, kv_heads, head_dim]
-    (values have their own head_dim). np.zeros maps pages lazily: RSS grows with use."""
+    """Keys and values of every layer, preallocated for the whole context:
+    [layers, 1, kv_heads, context, cache_head_dim] each (ModelDims.cache_head_dim).
+
+    Layer l's graph reads and writes keys[l] and values[l] in place (see `LayerRunner`): a
+    step copies nothing but its own new entries. np.zeros maps pages lazily: RSS grows with use.
+    """
 
     def __init__(self, dims: ModelDims, context: int):
-        shape = (dims.num_layers, context, dims.num_kv_heads)
-        self.keys = np.zeros((*shape, dims.head_dim), dtype=np.float32)
-        self.values = np.zeros((*shape, dims.value_head_dim), dtype=np.float32)
+        shape = (dims.num_layers, 1, dims.num_kv_heads, context, dims.cache_head_dim)
+        self.keys = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[3]
+
+
+class LayerRunner:
+    """Runs one layer graph with its slice of the KV cache bound as both the attention's past
+    input and its present output (ONNX Runtime's GroupQueryAttention then appends in place)."""
+
+    CACHE = {"past_key": "present_key", "past_value": "present_value"}
+
+    def __init__(self, session: ort.InferenceSession, keys: np.ndarray, values: np.ndarray):
+        self.session = session
+        self.output_names = [o.name for o in session.get_outputs() if o.name not in
+                             self.CACHE.values()]
+        self._binding = session.io_binding()
+        self._cache = (keys, values)  # the bound memory must outlive the binding
+        for (past, present), buffer in zip(self.CACHE.items(), self._cache, strict=True):
+            shape = list(buffer.shape)
+            self._binding.bind_input(past, "cpu", 0, np.float32, shape, buffer.ctypes.data)
+            self._binding.bind_output(present, "cpu", 0, np.float32, shape, buffer.ctypes.data)
+
+    def run(self, hidden: np.ndarray, cos: np.ndarray, sin: np.ndarray, start: int
+            ) -> dict[str, np.ndarray]:
+        """hidden [T, H] at positions start..start+T-1 -> the graph's outputs by name."""
+        end = start + len(hidden)
+        io = self._binding
+        io.bind_cpu_input("hidden", hidden)
+        io.bind_cpu_input("cos", cos)
+        io.bind_cpu_input("sin", sin)
+        io.bind_cpu_input("seqlens_k", np.array([end - 1], dtype=np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(end, dtype=np.int32))
+        for name in self.output_names:  # rebound each run: ONNX Runtime allocates them by shape
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()  # in binding order: the two cache aliases first
+        return {name: v.numpy() for name, v in zip(self.output_names, values[2:], strict=True)}
 
 
 class MoEModel:
@@ -119,6 +159,9 @@ class MoEModel:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         use_threads(threads or default_threads())
         warm_up()
+        # numpy maps in code and tables the first time the routing code runs (~2 MB): that
+        # belongs to the process baseline, not to this model.
+        tokens_by_expert(*route(np.zeros((2, d.num_experts), np.float32), m.routing))
         limit_heap_retention()
 
         release_freed_memory()
@@ -144,9 +187,10 @@ class MoEModel:
         # The budget is checked against measured sizes (the only honest minimum), right
         # after the dense sessions and one expert template are built, before anything runs.
         self._embed = create_session(self._read_graph(m.embed_graph))
-        self._layers = [create_session(self._read_graph(g)) for g in m.layer_graphs]
-        self._layer_outputs = [[o.name for o in s.get_outputs()] for s in self._layers]
-        self._check_layer_outputs()
+        layer_sessions = [create_session(self._read_graph(g)) for g in m.layer_graphs]
+        self._check_layer_graphs(layer_sessions)
+        self._layers = [LayerRunner(s, self._kv.keys[i], self._kv.values[i])
+                        for i, s in enumerate(layer_sessions)]
         self._head = create_session(self._read_graph(m.head_graph))
         self._warm_up_dense()
         release_freed_memory()
@@ -177,28 +221,27 @@ class MoEModel:
                                "(corrupt or modified; re-export the package)")
         return data
 
-    def _check_layer_outputs(self) -> None:
-        """A layer graph must give what the forward pass reads (a graph from another exporter
-        version would otherwise fail at the first token with a KeyError)."""
-        for layer, names in enumerate(self._layer_outputs):
-            need = {"residual", "key", "value"}
+    def _check_layer_graphs(self, sessions: list[ort.InferenceSession]) -> None:
+        """A layer graph must take and give what the forward pass binds (a graph from another
+        exporter version would otherwise fail at the first token)."""
+        for layer, session in enumerate(sessions):
+            names = {o.name for o in session.get_outputs()} | {i.name for i in session.get_inputs()}
+            need = {"hidden", "cos", "sin", "seqlens_k", "total_sequence_length", "residual",
+                    *LayerRunner.CACHE, *LayerRunner.CACHE.values()}
             if self._layer_info[layer].moe:
                 need |= {"moe_input", "router_logits"}
-            if need - set(names):
+            if need - names:
                 raise PackageError(
-                    f"{self.package}: layer {layer}'s graph lacks outputs "
-                    f"{sorted(need - set(names))}; re-export the package with this version")
+                    f"{self.package}: layer {layer}'s graph lacks inputs or outputs "
+                    f"{sorted(need - names)}; re-export the package with this version")
 
     def _warm_up_dense(self) -> None:
-        """One token through every dense graph (no experts, KV cache untouched): a session's
-        first run allocates what later runs reuse, and that belongs to the measured dense part."""
-        d = self.dims
+        """One token through every dense graph (no experts; it writes KV position 0, which the
+        first real step overwrites): a session's first run allocates what later runs reuse,
+        and that belongs to the measured dense part."""
         hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
-        feeds = {"cos": self._cos[:1], "sin": self._sin[:1], "mask": np.zeros((1, 1), np.float32),
-                 "past_key": np.zeros((0, d.num_kv_heads, d.head_dim), np.float32),
-                 "past_value": np.zeros((0, d.num_kv_heads, d.value_head_dim), np.float32)}
-        for session in self._layers:
-            hidden = session.run(None, {**feeds, "hidden": hidden})[0]
+        for runner in self._layers:
+            hidden = runner.run(hidden, self._cos[:1], self._sin[:1], 0)["residual"]
         self._head.run(None, {"hidden": hidden})
 
     def _expert_session(self, layer: int, expert: int):
@@ -246,20 +289,16 @@ class MoEModel:
         experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
-        needed = [int(e) for e in np.unique(experts)]
+        groups = tokens_by_expert(experts, weights)
         # Run the cached experts first (a miss may evict one this layer still needs), but
         # add the outputs up in expert order: the sum must not depend on the cache.
-        cached_first = sorted(needed, key=lambda e: (layer, e) not in self._cache)
         outputs = {}
-        for expert in cached_first:
-            rows = np.nonzero((experts == expert).any(axis=1))[0]  # tokens routed here
-            session = self._cache.get((layer, expert))
-            outputs[expert] = rows, session.run(None, {"x": x[rows]})[0]  # [n, H]
+        for expert in sorted(groups, key=lambda e: (layer, e) not in self._cache):
+            rows = groups[expert][0]
+            outputs[expert] = self._cache.get((layer, expert)).run(None, {"x": x[rows]})[0]
         out = np.zeros_like(x)
-        for expert in needed:
-            rows, y = outputs[expert]
-            weight = (weights[rows] * (experts[rows] == expert)).sum(axis=1)  # [n]
-            out[rows] += weight[:, None] * y
+        for expert, (rows, weight) in groups.items():
+            out[rows] += weight[:, None] * outputs[expert]  # [n, H]
         return out
 
     def _forward(self, ids: list[int], want: str) -> np.ndarray:
@@ -281,31 +320,21 @@ class MoEModel:
         return logits
 
     def _forward_chunk(self, ids: np.ndarray) -> np.ndarray:
-        kv, start = self._kv, self._kv.length
+        start = self._kv.length
         end = start + len(ids)
-        masks = {}  # sliding window (0 = none) -> [T, S] mask
-        feeds = {"cos": self._cos[start:end], "sin": self._sin[start:end]}
+        cos, sin = self._cos[start:end], self._sin[start:end]
         hidden = self._embed.run(None, {"input_ids": ids})[0]
         if self.routing_trace is not None:
             self.routing_trace.append({})
         scale = np.float32(self.manifest.moe_output_scale)
-        for layer, session in enumerate(self._layers):
-            window = self._layer_info[layer].sliding_window
-            if window not in masks:
-                masks[window] = causal_mask(start, end, window)
-            feeds["mask"] = masks[window]
-            feeds["hidden"] = hidden
-            feeds["past_key"] = kv.keys[layer, :start]
-            feeds["past_value"] = kv.values[layer, :start]
-            out = dict(zip(self._layer_outputs[layer], session.run(None, feeds), strict=True))
-            kv.keys[layer, start:end] = out["key"]
-            kv.values[layer, start:end] = out["value"]
+        for layer, runner in enumerate(self._layers):
+            out = runner.run(hidden, cos, sin, start)
             hidden = out["residual"]
             if self._layer_info[layer].moe:
                 routed = self._moe(layer, out["moe_input"], out["router_logits"],
                                    out.get("router_selection"))
                 hidden = hidden + (routed if scale == 1 else scale * routed)
-        kv.length = end
+        self._kv.length = end
         return hidden
 
     # -- public API -------------------------------------------------------------------------

@@ -183,8 +183,8 @@ def test_runtime_package_and_reduced_build_config(bundle, app_manifest):
     text = config.read_text()
     assert ".partial-" not in text and str(bundle.parent) not in text  # relative paths only
     required_ops, _ = parse_config(str(config))  # ONNX Runtime's own build-config parser
-    assert "MatMulNBits" in required_ops["com.microsoft"][1]
-    assert {"Gather", "Softmax"} <= set().union(*required_ops["ai.onnx"].values())
+    assert {"MatMulNBits", "GroupQueryAttention"} <= required_ops["com.microsoft"][1]
+    assert {"Gather", "Reshape"} <= set().union(*required_ops["ai.onnx"].values())
     assert "MatMulNBits" in runtime["reduced_build"]["operators"]["com.microsoft"]
 
 
