@@ -41,6 +41,7 @@ from mobilemoe.export.quantize import QuantizedLinear, QuantizedRows
 from mobilemoe.export.store_writer import STORE_ALIGNMENT, ExpertStoreWriter, block_slots
 
 from mobilemoe.manifest import (
+    DEFAULT_BLOCK_SIZE,
     MANIFEST_FILE,
     ExpertTemplate,
     FileRef,
@@ -97,7 +98,7 @@ def model_dims(shape: Shape) -> ModelDims:
 
 
 def write_synthetic_package(shape: Shape, out: str | Path, bits: int = 4, dense_bits: int = 8,
-                            block_size: int = 32, accuracy_level: int = 4, seed: int = 0,
+                            block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 4, seed: int = 0,
                             overwrite: bool = False, progress: bool = False) -> Path:
     """Write `shape` as a mobilemoe package at `out` (atomically: a hidden folder renamed
     into place when complete, manifest last). Returns the package folder."""
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, help="keep only the first N layers")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="expert bits")
     parser.add_argument("--dense-bits", type=int, default=8, choices=(4, 8))
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--accuracy-level", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")

@@ -6,11 +6,13 @@ arguments, print a table (or the result as JSON).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mobilemoe.bench import BenchResult, PhaseResult, run_bench
+from mobilemoe.cache_policies import POLICY_NAMES, policy_for_package
 
 from .format import fail, format_bytes, print_rows, user_errors
 
@@ -43,6 +45,13 @@ def bench(
         "--temperature", "-t", min=0.0,
         help="0 = greedy. A random-weight model decoded greedily repeats its routes; 1 keeps "
              "them changing.")] = 0.0,
+    policy: Annotated[str, typer.Option(
+        "--policy", metavar="NAME",
+        help=f"Expert cache eviction policy: {', '.join(POLICY_NAMES)}.")] = "lru",
+    routing_profile: Annotated[Path | None, typer.Option(
+        "--routing-profile", metavar="FILE",
+        help="With --policy pinned: the routing profile (default: the package's).",
+        show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Measure prefill and decode speed, expert paging and peak memory of a package."""
@@ -53,7 +62,8 @@ def bench(
                            new_tokens=new_tokens, repeats=repeats, threads=threads,
                            warmup=warmup, expert_fraction=expert_fraction,
                            context_length=context_length, preload=preload, seed=seed,
-                           temperature=temperature)
+                           temperature=temperature,
+                           policy=policy_for_package(policy, package, routing_profile))
     if as_json:
         typer.echo(result.to_json())
     else:
@@ -91,7 +101,7 @@ def print_result(r: BenchResult) -> None:
                 f"{r.repeats} repeats after {r.warmup} warm-up"),
         ("budget", f"{budget}; expert cache "
                    f"{'unlimited' if r.memory_budget is None else format_bytes(r.expert_cache_capacity)}"
-                   f" (all experts: {format_bytes(r.all_experts_bytes)})"),
+                   f" (all experts: {format_bytes(r.all_experts_bytes)}), policy {r.policy}"),
         ("load", f"{r.load_seconds:.2f} s; preloaded {r.preloaded_experts} experts in "
                  f"{r.preload_seconds:.2f} s"),
         *_phase_rows("prefill", r.prefill),

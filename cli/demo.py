@@ -29,7 +29,7 @@ from rich.text import Text
 
 import mobilemoe
 from mobilemoe.errors import MobileMoEError, PackageError
-from mobilemoe.manifest import Manifest
+from mobilemoe.manifest import DEFAULT_BLOCK_SIZE, Manifest
 from mobilemoe.units import parse_bytes
 
 from .format import (
@@ -43,7 +43,7 @@ from .format import (
 )
 
 DEMO_CONTEXT = 512  # plenty for a 60-token demo; keeps the KV cache and buffers small
-EXPORT_SETTINGS = dict(bits=4, dense_bits=8, block_size=32, accuracy_level=4)
+EXPORT_SETTINGS = dict(bits=4, dense_bits=8, block_size=DEFAULT_BLOCK_SIZE, accuracy_level=4)
 GENERATION = dict(temperature=0.8, top_p=0.95, seed=0)  # varied text, same every run
 
 

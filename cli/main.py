@@ -15,7 +15,9 @@ from typing import Annotated
 import typer
 
 import mobilemoe
+from mobilemoe.cache_policies import POLICY_NAMES, check_policy_name, policy_for_package
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.manifest import DEFAULT_BLOCK_SIZE
 
 from .bench import bench as _bench
 from .format import (
@@ -65,6 +67,14 @@ OptionalPackage = Annotated[str | None, typer.Argument(
          "~/.cache/mobilemoe or $MOBILEMOE_CACHE).", metavar="[PACKAGE]", show_default=False)]
 ShowExperts = Annotated[bool, typer.Option(
     "--show-experts", help="After each token, the experts each layer routed it to.")]
+# The expert cache's eviction policy (mobilemoe.cache_policies, docs/CACHE_POLICIES.md).
+Policy = Annotated[str, typer.Option(
+    "--policy", metavar="NAME",
+    help=f"Expert cache eviction policy: {', '.join(POLICY_NAMES)} (docs/CACHE_POLICIES.md).")]
+RoutingProfile = Annotated[Path | None, typer.Option(
+    "--routing-profile", metavar="FILE",
+    help="With --policy pinned: the routing profile whose hottest experts stay cached "
+         "(default: the package's routing_profile.json).", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -82,16 +92,20 @@ def _root(
 
 
 def _load(package: str, memory_budget: str | None, threads: int | None,
-          context_length: int | None) -> mobilemoe.MoEModel:
+          context_length: int | None, policy: str = "lru",
+          routing_profile: Path | None = None) -> mobilemoe.MoEModel:
     return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
-                          context_length=context_length)
+                          context_length=context_length,
+                          policy=policy_for_package(policy, package, routing_profile))
 
 
 def _load_or_demo(package: str | None, memory_budget: str | None, threads: int | None,
-                  context_length: int | None) -> mobilemoe.MoEModel:
+                  context_length: int | None, policy: str = "lru",
+                  routing_profile: Path | None = None) -> mobilemoe.MoEModel:
     """The package, or with none the shipped demo model (exported once, cached)."""
+    check_policy_name(policy)  # before the demo model is exported or named
     if package is not None:
-        return _load(package, memory_budget, threads, context_length)
+        return _load(package, memory_budget, threads, context_length, policy, routing_profile)
     from mobilemoe.manifest import Manifest
 
     from .demo import demo_context, demo_package
@@ -103,7 +117,7 @@ def _load_or_demo(package: str | None, memory_budget: str | None, threads: int |
         context_length = demo_context(Manifest.load(path).dims.max_position_embeddings)
     stderr_say(f"(no package given: the demo model, {path}; a text-continuation model, "
                "it does not follow instructions)")
-    return _load(str(path), memory_budget, threads, context_length)
+    return _load(str(path), memory_budget, threads, context_length, policy, routing_profile)
 
 
 def _exporter():
@@ -124,7 +138,7 @@ def export(
                                       show_default=False)],
     bits: Annotated[int, typer.Option(help="Expert weight bits: 4 or 8.")] = 4,
     dense_bits: Annotated[int, typer.Option(help="Attention / LM head bits: 8 or 4.")] = 8,
-    block_size: Annotated[int, typer.Option(help="Quantization block size.")] = 32,
+    block_size: Annotated[int, typer.Option(help="Quantization block size.")] = DEFAULT_BLOCK_SIZE,
     accuracy_level: Annotated[int, typer.Option(
         help="MatMulNBits compute: 4 = int8 activations (fastest), 1 = float32.")] = 4,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit).")
@@ -166,6 +180,8 @@ def run(
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
+    policy: Policy = "lru",
+    routing_profile: RoutingProfile = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     if prompt is None:  # one argument: the prompt, for the default (demo) model
@@ -177,7 +193,8 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     with user_errors():
-        model = _load_or_demo(package, memory_budget, threads, context_length)
+        model = _load_or_demo(package, memory_budget, threads, context_length, policy,
+                              routing_profile)
         tokens = model.generate(
             prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop=tuple(stop or ()))
@@ -208,12 +225,15 @@ def chat(
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
+    policy: Policy = "lru",
+    routing_profile: RoutingProfile = None,
 ) -> None:
     """Chat with a model: /stats, /reset, /exit (Ctrl-C stops a reply)."""
     from .chat import chat_loop
 
     with user_errors():
-        model = _load_or_demo(package, memory_budget, threads, context_length)
+        model = _load_or_demo(package, memory_budget, threads, context_length, policy,
+                              routing_profile)
     chat_loop(model, dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed), show_experts=show_experts)
 

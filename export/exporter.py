@@ -17,6 +17,7 @@ import onnx
 from mobilemoe import __version__
 from mobilemoe.errors import ExportError
 from mobilemoe.manifest import (
+    DEFAULT_BLOCK_SIZE,
     MANIFEST_FILE,
     ExpertTemplate,
     FileRef,
@@ -51,7 +52,7 @@ EXPERT_STORE = "experts.bin"
 
 
 def export_model(src: str | Path, out: str | Path, bits: int = 4, dense_bits: int = 8,
-                 block_size: int = 32, accuracy_level: int = 4, revision: str | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 4, revision: str | None = None,
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Export a Hugging Face MoE checkpoint (folder or hub id) to a mobilemoe package.
 

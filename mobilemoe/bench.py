@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.expert_cache import EvictionPolicy
 from mobilemoe.model import MoEModel, load
 from mobilemoe.ort_sessions import default_threads
 from mobilemoe.units import parse_bytes
@@ -92,6 +93,7 @@ class BenchResult:
     # same cores slow a benchmark down (ONNX Runtime's spinning thread pool especially)
     load_average: tuple[float, float] = (0.0, 0.0)
     notes: list[str] = field(default_factory=list)
+    policy: str = "LRUPolicy"  # the expert cache's eviction policy (its class)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,7 +258,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
               new_tokens: int = 32, repeats: int = 3, threads: int | None = None,
               warmup: int = 1, expert_fraction: float | None = None,
               context_length: int | None = None, preload: bool | None = None,
-              seed: int = 0, temperature: float = 0.0) -> BenchResult:
+              seed: int = 0, temperature: float = 0.0,
+              policy: EvictionPolicy | None = None) -> BenchResult:
     """Benchmark the package at `path` (see the module docstring).
 
     memory_budget: as for `mobilemoe.load`; or expert_fraction: the budget whose expert cache
@@ -266,6 +269,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     temperature: 0 decodes greedily. A model with random weights decoded greedily soon
     repeats itself, and so do its routes, which flatters the expert cache; temperature 1
     samples nearly uniform tokens from such a model, so routes keep changing.
+    policy: the expert cache's eviction policy, as for `mobilemoe.load` (default LRU).
     """
     if prompt_tokens < 1 or new_tokens < 0 or repeats < 1 or warmup < 0:
         raise MobileMoEError("need prompt_tokens >= 1, new_tokens >= 0, repeats >= 1, warmup >= 0")
@@ -281,7 +285,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
 
     load_before = _load_average()
     start = time.perf_counter()
-    model = load(path, memory_budget=budget, threads=threads, context_length=context_length)
+    model = load(path, memory_budget=budget, threads=threads, context_length=context_length,
+                 policy=policy)
     load_seconds = time.perf_counter() - start
     probe = _Probe(model)
     try:
@@ -337,7 +342,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
                             else None),
             weight_bytes_per_token=weight_bytes_per_token(model),
             baseline_rss=stats.baseline_rss, peak_rss=stats.peak_rss, max_rss=stats.max_rss,
-            load_average=(load_before, _load_average()), notes=notes)
+            load_average=(load_before, _load_average()), notes=notes,
+            policy=type(model._cache.policy).__name__)
     finally:
         probe.close()
         model.close()

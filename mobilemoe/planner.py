@@ -51,11 +51,10 @@ BUDGET_RULE = "budget = 60% of RAM - 1 GB (the rest is left to the OS, other app
 # per-session overhead.
 HELD_RATIO = {4: 1.4, 8: 1.2}
 SESSION_OVERHEAD = 110_000
-# The dense graphs as the Python runtime holds them, measured here: ONNX Runtime's sessions
-# (~1.1x the file bytes, prepacked) plus the serialized graphs, which onnxruntime's Python
-# binding keeps for the life of a session made from bytes (1.0x), plus ~0.8 MB per session.
-# An app that creates sessions from files holds ~1.1x + overhead.
-DENSE_HELD_RATIO = 2.1
+# The dense graphs as the runtime holds them, measured here: ONNX Runtime's sessions made from
+# the files (~1.13x the file bytes, prepacked), plus ~0.8 MB per session. (Made from bytes,
+# onnxruntime's Python binding would keep the bytes too: 2.1x.)
+DENSE_HELD_RATIO = 1.13
 DENSE_SESSION_OVERHEAD = 800_000
 PREFILL_CHUNK = 256  # as in mobilemoe.model
 DEFAULT_CONTEXT = 4096

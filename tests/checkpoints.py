@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from mobilemoe.manifest import DEFAULT_BLOCK_SIZE
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
@@ -127,7 +129,7 @@ FUSED_ROLES = {Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN}
 
 
 def dequantized_reference(folder: Path, bits: int, dense_bits: int,
-                          block_size: int = 32) -> PreTrainedModel:
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> PreTrainedModel:
     """transformers' model with each weight replaced by what the package stores for it.
 
     Works on the saved checkpoint, by role (the architecture spec's table), so the same code

@@ -120,6 +120,16 @@ def test_bench_command_json(package):
     assert set(data["decode"]["split_ms_per_token"]) >= {"dense", "experts", "paging", "other"}
 
 
+def test_bench_command_with_a_cache_policy(package):
+    result = CliRunner().invoke(app, [
+        "bench", str(package), "--expert-fraction", str(FRACTION), "--prompt-tokens", "8",
+        "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--threads", "2", "--json",
+        "--policy", "lrfu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["policy"] == "LRFUPolicy" and data["decode"]["misses"] > 0
+
+
 def test_bench_command_table_and_errors(package):
     runner = CliRunner()
     result = runner.invoke(app, ["bench", str(package), "--prompt-tokens", "4", "--new-tokens",

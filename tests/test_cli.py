@@ -23,6 +23,8 @@ from mobilemoe.export.synthetic import write_random_mixtral
 from typer.testing import CliRunner
 
 import mobilemoe
+from mobilemoe.cache_policies import POLICY_NAMES
+from mobilemoe.planner import write_routing_profile
 
 SCRIPT = Path(sys.executable).with_name("mobilemoe")
 CONTEXT = 2048  # long enough that a greedy reply can be interrupted half-way
@@ -74,12 +76,12 @@ def library_text(package: Path, prompt, **options) -> str:
 def test_export_makes_a_loadable_package(runner, checkpoint, tmp_path):
     out = tmp_path / "cli.mmoe"
     result = runner.invoke(app, ["export", str(checkpoint), "-o", str(out), "--bits", "8",
-                                 "--block-size", "64"])
+                                 "--block-size", "32"])
     assert result.exit_code == 0, result.output
     assert str(out) in result.stdout and re.search(r"\d (KB|MB)", result.stdout)
     with mobilemoe.load(out) as model:
         assert model.manifest.quantization.expert_bits == 8
-        assert model.manifest.quantization.block_size == 64
+        assert model.manifest.quantization.block_size == 32
         assert model.logits([1, 5, 7]).shape == (3, model.dims.vocab_size)
 
     again = runner.invoke(app, ["export", str(checkpoint), "-o", str(out)])
@@ -281,6 +283,55 @@ def test_the_named_smallest_budget_works(package):
     named = SIZE.search(first.stderr).group(1).replace(" ", "")
     again = cli("run", str(package), "hi", "-n", "1", "-c", "256", "-m", named)
     assert again.returncode == 0, again.stderr
+
+
+# -- cache policies -------------------------------------------------------------------------
+
+
+def test_every_cache_policy_pages_and_generates_the_same_text(runner, package, tmp_path):
+    info = json.loads(runner.invoke(app, ["inspect", str(package), "--json", "-c", "256"]).stdout)
+    budget = info["minimum_budget"] + info["bytes"]["expert_session"] + 200_000  # 3 of 8 experts
+    profile = write_routing_profile(tmp_path / "profile.json", [[4, 3, 2, 1], [1, 2, 3, 4]])
+    texts = {}
+    for policy in POLICY_NAMES:
+        extra = ["--routing-profile", str(profile)] if policy == "pinned" else []
+        result = runner.invoke(app, ["run", str(package), "The quick brown fox", "-n", "12",
+                                     "-c", "256", "-m", str(budget), "--stats",
+                                     "--policy", policy, *extra])
+        assert result.exit_code == 0, result.output
+        assert int(re.search(r"evictions\s+(\d+)", result.stderr).group(1)) > 0
+        texts[policy] = result.stdout
+    assert len(set(texts.values())) == 1, texts  # what is cached never changes the output
+    chat = runner.invoke(app, ["chat", str(package), "-n", "4", "--policy", "lfu"],
+                         input="hello\n/stats\n")
+    assert chat.exit_code == 0 and "misses" in chat.stdout, chat.output
+
+
+@pytest.mark.parametrize("command", [["run", "{pkg}", "hi"], ["chat", "{pkg}"], ["bench", "{pkg}"]])
+def test_bad_policy_or_routing_profile_is_one_line(runner, package, tmp_path, command):
+    args = [a.format(pkg=package) for a in command]
+    (tmp_path / "broken.json").write_text("{not json")
+    wrong = write_routing_profile(tmp_path / "wrong.json", [[1, 2, 3, 4]] * 3)  # 3 layers, not 2
+    good = write_routing_profile(tmp_path / "good.json", [[1, 2, 3, 4]] * 2)
+    cases = [
+        (["--policy", "fifo"], "unknown cache policy 'fifo'", "lru, lfu, lrfu, pinned"),
+        (["--policy", "pinned"], "needs a routing profile", "--routing-profile"),
+        (["--policy", "pinned", "--routing-profile", str(tmp_path / "nope.json")],
+         "nope.json", "no such routing profile"),
+        (["--policy", "pinned", "--routing-profile", str(tmp_path / "broken.json")],
+         "broken.json", "not valid JSON"),
+        (["--policy", "pinned", "--routing-profile", str(wrong)], "must list 2 layers"),
+        (["--policy", "lfu", "--routing-profile", str(good)], "only used by the pinned"),
+    ]
+    for options, *fragments in cases:
+        result = runner.invoke(app, [*args, *options])
+        assert_one_line_error(result.exit_code, result.stderr, *fragments)
+        assert result.stdout == ""
+
+
+def test_unknown_policy_as_a_process(package):
+    done = cli("run", str(package), "hi", "--policy", "fifo")
+    assert_one_line_error(done.returncode, done.stderr, "unknown cache policy 'fifo'")
 
 
 # -- demo and the synthetic checkpoint -------------------------------------------------------

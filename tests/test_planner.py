@@ -21,6 +21,7 @@ from mobilemoe.export import export_model
 from typer.testing import CliRunner
 
 import mobilemoe
+from mobilemoe.bench import plan_in_subprocess
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.manifest import Manifest
 from mobilemoe.planner import (
@@ -183,8 +184,10 @@ def test_plan_agrees_with_what_the_runtime_measures(package):
     p = plan(package, Device(ram=16 * GB), context_length=256)
     assert p.expert_session_bytes == pytest.approx(model.plan.expert_session_bytes, rel=0.35)
     assert p.memory["kv_cache"] == model.plan.kv_bytes
-    # RSS-measured parts of a model this small vary with what the process did before
-    assert 0.6 < p.minimum_budget / model.plan.minimum_budget < 1.6
+    # RSS-measured parts depend on what the process did before (a heap with free space grows
+    # less): measure in a fresh process, as `mobilemoe plan` users' apps would start.
+    fresh = plan_in_subprocess(package, threads=1, context_length=256)
+    assert 0.6 < p.minimum_budget / fresh["minimum"] < 1.6
 
 
 # -- routing profiles -------------------------------------------------------------------------
