@@ -25,7 +25,6 @@ import onnxruntime as ort
 from mobilemoe.export.model_graphs import expert_template_graph, expert_tensor_shapes
 from mobilemoe.export.ort_format import convert_to_ort, weights_as_inputs
 
-from mobilemoe.bundle import create_session_with_initializers
 from mobilemoe.ort_sessions import (
     create_session,
     create_session_with_weights,
@@ -72,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     ways = {
         "ONNX template + add_external_initializers":
             lambda w: create_session_with_weights(onnx_template, list(w), list(w.values())),
-        "ORT template + add_initializer": lambda w: create_session_with_initializers(ort_template, w),
+        "ORT template + add_initializer":
+            lambda w: create_session_with_weights(ort_template, list(w), list(w.values())),
         "ORT template + add_initializer, bytes in place": in_place,
         "weights fed as graph inputs": lambda w: create_session(as_inputs.SerializeToString()),
     }

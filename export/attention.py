@@ -67,9 +67,7 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     """-> attention output [T, H]; the new keys (with RoPE) and values go into the cache."""
     kvh, d, groups = o.num_kv_heads, o.head_dim, o.num_heads // o.num_kv_heads
     acc = o.accuracy_level
-    q = linear(b, inp.x, quantize(t[Role.ATTN_Q]), f"{path}/q_proj", acc, t.get(Role.ATTN_Q_BIAS))
-    k = linear(b, inp.x, quantize(t[Role.ATTN_K]), f"{path}/k_proj", acc, t.get(Role.ATTN_K_BIAS))
-    v = linear(b, inp.x, quantize(t[Role.ATTN_V]), f"{path}/v_proj", acc, t.get(Role.ATTN_V_BIAS))
+    q, k, v = qkv_projection(b, inp.x, t, quantize, acc, path)
     if o.clip_qkv:
         lo, hi = b.const(-o.clip_qkv, np.float32), b.const(o.clip_qkv, np.float32)
         q, k, v = (b.op("Clip", [y, lo, hi], f"{path}/{n}/Clip") for y, n in
@@ -100,6 +98,27 @@ def _pad_last(b: GraphBuilder, x: str, rank: int, size: int, width: int, path: s
     pads = [0] * (2 * rank)
     pads[-1] = width - size
     return b.op("Pad", [x, b.const(pads)], path)
+
+
+def qkv_projection(b: GraphBuilder, x: str, t: dict[Role, np.ndarray], quantize: Quantize,
+                   accuracy_level: int, path: str) -> list[str]:
+    """q, k, v = x @ [Wq; Wk; Wv].T (+ biases), split.
+
+    One MatMulNBits over the stacked rows instead of three: at one token a layer's time is
+    mostly per-kernel overhead and weight streaming, and one kernel streams the three weights
+    in one pass. Blockwise quantization runs along the input dimension, so stacking rows
+    changes no quantized value; a missing bias adds exact zeros.
+    """
+    roles = ((Role.ATTN_Q, Role.ATTN_Q_BIAS), (Role.ATTN_K, Role.ATTN_K_BIAS),
+             (Role.ATTN_V, Role.ATTN_V_BIAS))
+    sizes = [t[w].shape[0] for w, _ in roles]
+    weight = np.concatenate([t[w] for w, _ in roles])
+    bias = None
+    if any(bias_role in t for _, bias_role in roles):
+        bias = np.concatenate([t.get(bias_role, np.zeros(n, np.float32))
+                               for (_, bias_role), n in zip(roles, sizes, strict=True)])
+    qkv = linear(b, x, quantize(weight), f"{path}/qkv_proj", accuracy_level, bias)
+    return b.op("Split", [qkv, b.const(sizes)], f"{path}/qkv/Split", n_out=3, axis=-1)
 
 
 def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: AttentionInputs,

@@ -23,17 +23,37 @@ class ExpertStore:
         return self._entries[(layer, expert)]
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
-        """The expert's initializers as views into one freshly read buffer."""
+        """The expert's initializers as views into one freshly read, checked buffer."""
+        block = self.read_unchecked(layer, expert)
+        self.check(layer, expert, block)
+        return self.views(layer, expert, block)
+
+    def read_unchecked(self, layer: int, expert: int) -> np.ndarray:
+        """The expert's block as read; `check` it before computing with it."""
         entry = self._entries[(layer, expert)]
         block = np.empty(entry.length, dtype=np.uint8)
         got = os.preadv(self._fd, [block], entry.offset)
         if got != entry.length:
             raise PackageError(f"{self._path.name}: truncated at expert {layer}/{expert} "
                                "(re-export the package)")
-        if zlib.crc32(block) != entry.crc32:
+        return block
+
+    def check(self, layer: int, expert: int, block: np.ndarray) -> None:
+        """Raise if the block does not match its crc32 (zlib releases the GIL while it
+        computes, so this can run on another thread)."""
+        if zlib.crc32(block) != self._entries[(layer, expert)].crc32:
             raise PackageError(f"{self._path.name}: checksum mismatch at expert {layer}/{expert}; "
                                "the file is corrupt (re-export the package)")
-        return _views(block, self.templates[entry.template])
+
+    def views(self, layer: int, expert: int, block: np.ndarray) -> dict[str, np.ndarray]:
+        return _views(block, self.templates[self._entries[(layer, expert)].template])
+
+    def prefetch(self, layer: int, expert: int) -> None:
+        """Ask the kernel to start reading the block (a hint: returns at once, no memory of
+        ours), so that a page-in soon after finds it in the page cache."""
+        if hasattr(os, "posix_fadvise"):
+            entry = self._entries[(layer, expert)]
+            os.posix_fadvise(self._fd, entry.offset, entry.length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -62,7 +62,7 @@ def route(logits: np.ndarray, r: Routing, selection: np.ndarray | None = None
           ) -> tuple[np.ndarray, np.ndarray]:
     """logits [T, E] (selection [T, E]: what to choose by, if not the scores) ->
     (experts [T, k] int64, weights [T, k] float32)."""
-    logits = logits.astype(np.float32)
+    logits = np.asarray(logits, dtype=np.float32)  # no copy when it is float32 already
     if r.scoring == "sparsemixer":
         experts, weights = _sparsemixer(logits, r.sparsemixer_eps)
         return experts, weights.astype(np.float32)
@@ -70,8 +70,11 @@ def route(logits: np.ndarray, r: Routing, selection: np.ndarray | None = None
         experts = _top_k(logits, r.top_k)
         weights = softmax(np.take_along_axis(logits, experts, axis=-1))
     else:
-        with np.errstate(over="ignore"):  # exp(-x) = inf below x = -88: the score is 0, as in torch
-            scores = softmax(logits) if r.scoring == "softmax" else 1 / (1 + np.exp(-logits))
+        if r.scoring == "softmax":
+            scores = softmax(logits)
+        else:
+            with np.errstate(over="ignore"):  # exp(-x) = inf below x = -88: 0, as in torch
+                scores = 1 / (1 + np.exp(-logits))
         choose_by = scores if selection is None else selection.astype(np.float32)
         if r.n_group > 1:
             choose_by = _group_mask(choose_by, r)

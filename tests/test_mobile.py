@@ -22,11 +22,16 @@ from onnxruntime.tools.reduced_build_config_parser import parse_config
 from typer.testing import CliRunner
 
 import mobilemoe
-from mobilemoe.bundle import create_session_with_initializers, is_ort_format, load_bundle
+from mobilemoe.bundle import load_bundle
 from mobilemoe.errors import ExportError, MobileMoEError, PackageError
 from mobilemoe.expert_store import ExpertStore
 from mobilemoe.manifest import Manifest
-from mobilemoe.ort_sessions import create_session, create_session_with_weights
+from mobilemoe.ort_sessions import (
+    create_session,
+    create_session_with_weights,
+    is_ort_format,
+    session_options,
+)
 from mobilemoe.planner import recommended_budget, write_routing_profile
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
@@ -95,14 +100,18 @@ def test_ort_template_takes_weights_through_add_initializer_only(package, bundle
             arrays = store.read(*key)
             expected = create_session_with_weights(onnx_template, list(arrays),
                                                    list(arrays.values())).run(None, {"x": x})[0]
-            session = create_session_with_initializers(ort_template, dict(arrays))
+            session = create_session_with_weights(ort_template, list(arrays), list(arrays.values()))
             assert np.array_equal(session.run(None, {"x": x})[0], expected)
             # ONNX Runtime prepacked its own copy: the arrays are not read after creation.
             for a in arrays.values():
                 a[...] = 0
             assert np.array_equal(session.run(None, {"x": x})[0], expected)
+            # Why an ORT-format template takes add_initializer: ONNX Runtime refuses the other.
+            options = session_options()
+            options.add_external_initializers(
+                list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
             with pytest.raises(Exception, match="non-external initializer"):
-                create_session_with_weights(ort_template, list(arrays), list(arrays.values()))
+                create_session(ort_template, options)
     finally:
         store.close()
     # Without weights the template runs on its zero placeholders.
@@ -139,8 +148,8 @@ def test_ort_template_with_add_initializer_keeps_the_prepacked_fast_path():
 
     external = per_run(create_session_with_weights(model.SerializeToString(), list(weights),
                                                    list(weights.values())), {"x": x})
-    initializer = per_run(create_session_with_initializers((tmp / "t.ort").read_bytes(),
-                                                           weights), {"x": x})
+    initializer = per_run(create_session_with_weights((tmp / "t.ort").read_bytes(), list(weights),
+                                                      list(weights.values())), {"x": x})
     inputs = per_run(create_session(as_inputs.SerializeToString()), {"x": x, **weights}, n=3)
     shutil.rmtree(tmp)
     assert initializer < 3 * external

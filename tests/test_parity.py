@@ -18,6 +18,7 @@ from checkpoints import (
 from mobilemoe.export import export_model
 
 import mobilemoe
+from mobilemoe.model import tokens_by_expert
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8]
 
@@ -129,3 +130,38 @@ def test_text_generation_with_the_packaged_tokenizer(export):
     prompt = model.chat_prompt([{"role": "user", "content": "hi"}])
     assert prompt[0] == model.manifest.bos_token_id
     assert mixtral_config().vocab_size == model.dims.vocab_size
+
+
+# -- the runtime's own fast paths agree with its general ones ---------------------------------
+
+
+def test_one_token_grouping_equals_the_general_one():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        experts = rng.permutation(16)[:4][None, :]  # [1, k]
+        weights = rng.random((1, 4), dtype=np.float32)
+        one = tokens_by_expert(experts, weights)
+        both = tokens_by_expert(np.repeat(experts, 2, axis=0), np.repeat(weights, 2, axis=0))
+        assert list(one) == list(both)  # expert order: the order outputs are summed in
+        for expert, (rows, weight) in one.items():
+            assert rows.tolist() == [0] and weight.tobytes() == both[expert][1][:1].tobytes()
+
+
+def test_decoding_after_a_prefill_and_a_reset_is_bit_identical(export):
+    """One-token steps run on buffers bound once per layer, prompts on per-run bindings: a
+    model that switched between the two (and was reset) decodes exactly as a fresh one."""
+    package = export(4, 8, 4)
+
+    def decode(model: mobilemoe.MoEModel) -> list[bytes]:
+        model.reset()
+        steps = [model._forward(PROMPT, "last")]
+        for _ in range(6):
+            steps.append(model._forward([int(steps[-1][-1].argmax())], "last"))
+        return [s.tobytes() for s in steps]
+
+    with mobilemoe.load(package) as fresh:
+        expected = decode(fresh)
+    with mobilemoe.load(package) as used:
+        used.logits(PROMPT[:5])
+        list(used.generate(PROMPT[3:], max_new_tokens=4))
+        assert decode(used) == expected
