@@ -101,12 +101,24 @@ def cold_read_bandwidth(path: Path, limit: int = 4 << 30) -> float | None:
 # -- the runs ---------------------------------------------------------------------------------
 
 
+def _current(package: Path) -> bool:
+    """A package this runtime reads (one of an older format is written again)."""
+    from mobilemoe.errors import PackageError
+    from mobilemoe.manifest import Manifest
+
+    try:
+        Manifest.load(package)
+    except (PackageError, FileNotFoundError):
+        return False
+    return True
+
+
 def ensure_files(shape: str, layers: int | None, bits: int, data: Path) -> tuple[Path, Path]:
     tag = f"{shape}-{'all' if layers is None else layers}L"
     package = data / f"{tag}-int{bits}.mmoe"
     gguf_file = data / f"{tag}-q{bits}_0.gguf"
     cut = [] if layers is None else ["--layers", str(layers)]
-    if not (package / "manifest.json").exists():
+    if not _current(package):
         subprocess.run([str(MAIN_PY), str(HERE / "synthetic_package.py"), shape, "-o", str(package),
                         "--bits", str(bits), "--overwrite", *cut], check=True)
     if not gguf_file.exists() and BENCH_PY.exists():

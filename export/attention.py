@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto
 
 from mobilemoe.manifest import cache_head_dim
 
@@ -39,7 +40,7 @@ class AttentionInputs:
     """Graph values every attention variant reads."""
 
     x: str  # normed hidden [T, H]
-    cos: str  # [T, R/2]
+    cos: str  # the RoPE tables for every position [C, R/2] (attention scaling included)
     sin: str
     past_key: str  # the layer's whole key cache [1, kvh, C, Dc]
     past_value: str  # [1, kvh, C, Dc]
@@ -60,6 +61,19 @@ class AttentionOptions:
     accuracy_level: int
     rope_interleaved: bool = False  # DeepSeek's pairwise RoPE (export/mla.py reorders for it)
     sliding_window: int = 0  # attend to the last this many positions (the token's own included)
+    rope_dim: int = 0  # rotated dims per head (the layer graph sets it)
+
+
+def step_rope_rows(b: GraphBuilder, inp: AttentionInputs, path: str) -> tuple[str, str]:
+    """The RoPE tables' rows for this step's positions P..P+T-1 (P + T = total length):
+    cos, sin [T, R/2]."""
+    total = b.op("Cast", [inp.total_length], f"{path}/rope/Total", to=TensorProto.INT64)
+    count = b.op("Squeeze", [b.op("Shape", [inp.x], f"{path}/rope/Shape", end=1)],
+                 f"{path}/rope/Count")  # T
+    first = b.op("Sub", [total, count], f"{path}/rope/First")
+    positions = b.op("Range", [first, total, b.const(1)], f"{path}/rope/Positions")  # [T]
+    return tuple(b.op("Gather", [table, positions], f"{path}/rope/{name}Rows")
+                 for table, name in ((inp.cos, "cos"), (inp.sin, "sin")))
 
 
 def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarray],
@@ -81,13 +95,17 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     if o.qk_norm == "head":
         q = norm(b, q, t[Role.ATTN_Q_NORM], None, o.eps, f"{path}/q_norm")
         k = norm(b, k, t[Role.ATTN_K_NORM], None, o.eps, f"{path}/k_norm")
-    cos_q = b.op("Unsqueeze", [inp.cos, b.const([1, 2])], f"{path}/rope/cos_q")  # [T,1,1,d/2]
-    sin_q = b.op("Unsqueeze", [inp.sin, b.const([1, 2])], f"{path}/rope/sin_q")
-    cos_k = b.op("Unsqueeze", [inp.cos, b.const([1])], f"{path}/rope/cos_k")  # [T, 1, d/2]
-    sin_k = b.op("Unsqueeze", [inp.sin, b.const([1])], f"{path}/rope/sin_k")
-    q = rope(b, q, cos_q, sin_q, f"{path}/rope_q")
-    k = rope(b, k, cos_k, sin_k, f"{path}/rope_k")
-    ctx = attention_core(b, q, k, v, inp, o, t.get(Role.ATTN_SINKS), path)
+    # RoPE ("rotate half", on the first R dims of each head): the fused attention applies it
+    # from the tables at each token's position, if R/2 is a multiple of 8 (its requirement;
+    # every real model's is); otherwise (tiny test models) the graph does.
+    fused_rope = (o.rope_dim // 2) % 8 == 0
+    if not fused_rope:
+        cos, sin = step_rope_rows(b, inp, path)
+        q = rope(b, q, *(b.op("Unsqueeze", [y, b.const([1, 2])], f"{path}/rope/{n}_q")
+                         for y, n in ((cos, "cos"), (sin, "sin"))), f"{path}/rope_q")  # [T,1,1,R/2]
+        k = rope(b, k, *(b.op("Unsqueeze", [y, b.const([1])], f"{path}/rope/{n}_k")
+                         for y, n in ((cos, "cos"), (sin, "sin"))), f"{path}/rope_k")  # [T,1,R/2]
+    ctx = attention_core(b, q, k, v, inp, o, t.get(Role.ATTN_SINKS), path, rotary=fused_rope)
     return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
 
 
@@ -122,10 +140,12 @@ def qkv_projection(b: GraphBuilder, x: str, t: dict[Role, np.ndarray], quantize:
 
 
 def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: AttentionInputs,
-                   o: AttentionOptions, sinks: np.ndarray | None, path: str) -> str:
+                   o: AttentionOptions, sinks: np.ndarray | None, path: str,
+                   rotary: bool = False) -> str:
     """softmax(q.k * scale + causal mask) . v over the cached and new keys -> [T, nh * Dv].
 
-    q [T, kvh, G, Dk] (RoPE applied), k_new [T, kvh, Dk], v_new [T, kvh, Dv]. Query head
+    q [T, kvh, G, Dk], k_new [T, kvh, Dk], v_new [T, kvh, Dv], with RoPE applied, or applied
+    here from `inp.cos`/`inp.sin` with `rotary` (the new keys go to the cache rotated). Query head
     h = kv_head * G + g uses kv head h // G, as GroupQueryAttention expects. With sinks, each
     head's learned logit joins the softmax denominator without contributing a value.
 
@@ -140,13 +160,17 @@ def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: Attenti
                        in ((q, 4, dk, "q"), (k_new, 3, dk, "k"), (v_new, 3, dv, "v")))
     flat = [b.op("Reshape", [y, b.const([1, -1, n * width])], f"{path}/{name}/Flatten")  # [1,T,.]
             for y, name, n in ((q, "q", nh), (k_new, "k", kvh), (v_new, "v", kvh))]
-    inputs = [*flat, inp.past_key, inp.past_value, inp.seqlens_k, inp.total_length]
-    if sinks is not None:  # optional inputs 7-10: cos/sin caches, position ids, attention bias
-        inputs += ["", "", "", "", b.weight(f"{path}.sinks", sinks.astype(np.float32))]
+    inputs = [*flat, inp.past_key, inp.past_value, inp.seqlens_k, inp.total_length,
+              inp.cos if rotary else "", inp.sin if rotary else ""]
+    if sinks is not None:  # optional inputs 9, 10: position ids, attention bias
+        inputs += ["", "", b.weight(f"{path}.sinks", sinks.astype(np.float32))]
+    while not inputs[-1]:
+        inputs.pop()
     ctx = b.op("GroupQueryAttention", inputs, f"{path}/GroupQueryAttention",
                outputs=[f"{path}/GroupQueryAttention/output_0", PRESENT_KEY, PRESENT_VALUE],
                domain="com.microsoft", num_heads=nh, kv_num_heads=kvh, scale=float(o.scale),
-               local_window_size=o.sliding_window or -1)[0]  # [1, T, nh * width]
+               local_window_size=o.sliding_window or -1, do_rotary=int(rotary),
+               rotary_interleaved=0)[0]  # [1, T, nh * width]
     if dv < width:
         ctx = b.op("Reshape", [ctx, b.const([-1, nh, width])], f"{path}/context/Heads")
         ctx = b.op("Slice", [ctx, b.const([0]), b.const([dv]), b.const([2])],

@@ -55,14 +55,14 @@ def layer_graph(dims: ModelDims, t: dict[Role, np.ndarray], quantize: Quantize,
     x = norm(b, hidden, t[Role.ATTN_NORM], t.get(Role.ATTN_NORM_BIAS), eps, f"{p}/input_layernorm")
     inp = AttentionInputs(
         x=x,
-        cos=b.input("cos", FLOAT, ["T", opts.rope_dim // 2]),
-        sin=b.input("sin", FLOAT, ["T", opts.rope_dim // 2]),
+        cos=b.input("cos_cache", FLOAT, ["C", opts.rope_dim // 2]),
+        sin=b.input("sin_cache", FLOAT, ["C", opts.rope_dim // 2]),
         past_key=b.input("past_key", FLOAT, cache),
         past_value=b.input("past_value", FLOAT, cache),
         seqlens_k=b.input("seqlens_k", INT32, [1]),
         total_length=b.input("total_sequence_length", INT32, []),
     )
-    attention = replace(opts.attention, sliding_window=opts.sliding_window)
+    attention = replace(opts.attention, sliding_window=opts.sliding_window, rope_dim=opts.rope_dim)
     if Role.ATTN_KV_A in t:
         try:
             from .mla import mla_attention  # DeepSeek's multi-head latent attention

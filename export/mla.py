@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from .architectures import Role
-from .attention import AttentionInputs, AttentionOptions, Quantize, attention_core
+from .attention import AttentionInputs, AttentionOptions, Quantize, attention_core, step_rope_rows
 from .graphs import GraphBuilder, linear, norm, rope
 
 # transformers builds q_a_layernorm and kv_a_layernorm with DeepseekV2RMSNorm's default eps,
@@ -81,8 +81,8 @@ def mla_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     kv = b.op("Reshape", [kv, b.const([-1, nh, nope + dv])], f"{path}/kv/Reshape")
     k_nope, v = b.op("Split", [kv, b.const([nope, dv])], f"{path}/kv/Split", n_out=2, axis=-1)
 
-    cos = b.op("Unsqueeze", [inp.cos, b.const([1])], f"{path}/rope/cos")  # [T, 1, R/2]
-    sin = b.op("Unsqueeze", [inp.sin, b.const([1])], f"{path}/rope/sin")
+    cos, sin = (b.op("Unsqueeze", [y, b.const([1])], f"{path}/rope/{n}")  # [T, 1, R/2]
+                for y, n in zip(step_rope_rows(b, inp, path), ("cos", "sin"), strict=True))
     q_rope = rope(b, q_rope, cos, sin, f"{path}/rope_q")  # [T, nh, R]
     k_rope = b.op("Unsqueeze", [k_rope, b.const([1])], f"{path}/k_rope/Unsqueeze")  # [T, 1, R]
     k_rope = rope(b, k_rope, cos, sin, f"{path}/rope_k")

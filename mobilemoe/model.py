@@ -128,15 +128,19 @@ class LayerRunner:
 
     CACHE = {"past_key": "present_key", "past_value": "present_value"}
 
-    def __init__(self, session: ort.InferenceSession, keys: np.ndarray, values: np.ndarray):
+    def __init__(self, session: ort.InferenceSession, keys: np.ndarray, values: np.ndarray,
+                 cos: np.ndarray, sin: np.ndarray):
+        """keys, values: this layer's cache [1, kvH, C, Dc]; cos, sin: the RoPE tables [C, R/2]."""
         self.session = session
         self.output_names = [o.name for o in session.get_outputs() if o.name not in
                              self.CACHE.values()]
         self._binding = session.io_binding()
-        self._cache = (keys, values)  # the bound memory must outlive the binding
-        for (past, present), buffer in zip(self.CACHE.items(), self._cache, strict=True):
+        self._bound = (keys, values, cos, sin)  # the bound memory must outlive the binding
+        for (past, present), buffer in zip(self.CACHE.items(), (keys, values), strict=True):
             self._bind(past, buffer, output=False)
             self._bind(present, buffer, output=True)
+        self._bind("cos_cache", cos, output=False)
+        self._bind("sin_cache", sin, output=False)
         self._one: dict[str, np.ndarray] | None = None  # the one-token buffers, once made
         self._one_bound = False  # whether the binding holds them now
 
@@ -144,20 +148,17 @@ class LayerRunner:
         bind = self._binding.bind_output if output else self._binding.bind_input
         bind(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
 
-    def run(self, hidden: np.ndarray, cos: np.ndarray, sin: np.ndarray, start: int
-            ) -> dict[str, np.ndarray]:
+    def run(self, hidden: np.ndarray, start: int) -> dict[str, np.ndarray]:
         """hidden [T, H] at positions start..start+T-1 -> the graph's outputs by name.
 
         A one-token step's outputs are views of buffers the next one-token step overwrites:
         use them before running this layer again (the forward pass does)."""
         end = start + len(hidden)
         if len(hidden) == 1 and self._one is not None:
-            return self._run_one(hidden, cos, sin, end)
+            return self._run_one(hidden, end)
         io = self._binding
         self._one_bound = False
         io.bind_cpu_input("hidden", hidden)
-        io.bind_cpu_input("cos", cos)
-        io.bind_cpu_input("sin", sin)
         io.bind_cpu_input("seqlens_k", np.array([end - 1], dtype=np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(end, dtype=np.int32))
         for name in self.output_names:  # rebound each run: ONNX Runtime allocates them by shape
@@ -166,22 +167,18 @@ class LayerRunner:
         values = io.get_outputs()  # in binding order: the two cache aliases first
         out = {name: v.numpy() for name, v in zip(self.output_names, values[2:], strict=True)}
         if len(hidden) == 1:  # the first one-token step: now the output shapes are known
-            self._one = {"hidden": np.empty_like(hidden), "cos": np.empty_like(cos),
-                         "sin": np.empty_like(sin), "seqlens_k": np.zeros(1, np.int32),
+            self._one = {"hidden": np.empty_like(hidden), "seqlens_k": np.zeros(1, np.int32),
                          "total_sequence_length": np.zeros((), np.int32),
                          **{name: np.empty_like(y) for name, y in out.items()}}
         return out
 
-    def _run_one(self, hidden: np.ndarray, cos: np.ndarray, sin: np.ndarray, end: int
-                 ) -> dict[str, np.ndarray]:
+    def _run_one(self, hidden: np.ndarray, end: int) -> dict[str, np.ndarray]:
         one = self._one
         if not self._one_bound:
             for name, buffer in one.items():
                 self._bind(name, buffer, output=name in self.output_names)
             self._one_bound = True
         one["hidden"][...] = hidden
-        one["cos"][...] = cos
-        one["sin"][...] = sin
         one["seqlens_k"][0] = end - 1
         one["total_sequence_length"][...] = end
         self.session.run_with_iobinding(self._binding)
@@ -231,7 +228,7 @@ class MoEModel:
         self._embed = self._dense_session(m.embed_graph)
         layer_sessions = [self._dense_session(g) for g in m.layer_graphs]
         self._check_layer_graphs(layer_sessions)
-        self._layers = [LayerRunner(s, self._kv.keys[i], self._kv.values[i])
+        self._layers = [LayerRunner(s, self._kv.keys[i], self._kv.values[i], self._cos, self._sin)
                         for i, s in enumerate(layer_sessions)]
         self._head = self._dense_session(m.head_graph)
         self._warm_up_dense()
@@ -282,7 +279,7 @@ class MoEModel:
         exporter version would otherwise fail at the first token)."""
         for layer, session in enumerate(sessions):
             names = {o.name for o in session.get_outputs()} | {i.name for i in session.get_inputs()}
-            need = {"hidden", "cos", "sin", "seqlens_k", "total_sequence_length", "residual",
+            need = {"hidden", "cos_cache", "sin_cache", "seqlens_k", "total_sequence_length", "residual",
                     *LayerRunner.CACHE, *LayerRunner.CACHE.values()}
             if self._layer_info[layer].moe:
                 need |= {"moe_input", "router_logits"}
@@ -297,7 +294,7 @@ class MoEModel:
         and that belongs to the measured dense part."""
         hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
         for runner in self._layers:
-            hidden = runner.run(hidden, self._cos[:1], self._sin[:1], 0)["residual"]
+            hidden = runner.run(hidden, 0)["residual"]
         self._head.run(None, {"hidden": hidden})
 
     def _expert_session(self, layer: int, expert: int) -> ort.InferenceSession:
@@ -395,13 +392,12 @@ class MoEModel:
     def _forward_chunk(self, ids: np.ndarray) -> np.ndarray:
         start = self._kv.length
         end = start + len(ids)
-        cos, sin = self._cos[start:end], self._sin[start:end]
         hidden = self._embed.run(None, {"input_ids": ids})[0]
         if self.routing_trace is not None:
             self.routing_trace.append({})
         scale = np.float32(self.manifest.moe_output_scale)
         for layer, runner in enumerate(self._layers):
-            out = runner.run(hidden, cos, sin, start)
+            out = runner.run(hidden, start)
             hidden = out["residual"]
             if self._layer_info[layer].moe:
                 routed = self._moe(layer, out["moe_input"], out["router_logits"],

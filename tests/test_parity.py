@@ -6,6 +6,7 @@ it to float32 rounding when MatMulNBits computes in float32, accuracy_level=1).
 """
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from checkpoints import (
@@ -165,3 +166,29 @@ def test_decoding_after_a_prefill_and_a_reset_is_bit_identical(export):
         used.logits(PROMPT[:5])
         list(used.generate(PROMPT[3:], max_new_tokens=4))
         assert decode(used) == expected
+
+
+def test_real_head_widths_take_the_fused_rope_and_match(tmp_path):
+    """Heads of 32 (R/2 = 16): the fused attention applies RoPE itself (tiny heads of 12 take
+    the graph's own RoPE). A prompt, a prompt continued after a cached part (positions from
+    the cache length) and decode steps must match transformers."""
+    folder = tmp_path / "ckpt"
+    build_mixtral(folder, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    package = export_model(folder, tmp_path / "pkg", bits=8, dense_bits=8, accuracy_level=1,
+                           progress=False)
+    with mobilemoe.load(package) as model:
+        assert model.dims.head_dim == 32
+        layer = onnx.load(package / model.manifest.layer_graphs[0].path)
+        attention = next(n for n in layer.graph.node if n.op_type == "GroupQueryAttention")
+        assert {a.name: a.i for a in attention.attribute}["do_rotary"] == 1
+        logits = model.logits(PROMPT)
+        reference = dequantized_reference(folder, 8, 8)
+        np.testing.assert_allclose(logits, reference_logits(reference, PROMPT), rtol=0, atol=5e-5)
+        model.reset()
+        model._forward(PROMPT[:5], "all")
+        continued = model._forward(PROMPT[5:], "all")
+        np.testing.assert_allclose(continued, logits[5:], rtol=0, atol=5e-5)
+        ours = [t.token_id for t in model.generate(PROMPT, max_new_tokens=12)]
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False)
+    assert ours == theirs[0, len(PROMPT):].tolist()
