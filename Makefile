@@ -48,3 +48,15 @@ $(BENCH_VENV)/.installed: benchmarks/requirements-bench.txt
 	CMAKE_ARGS="$(BENCH_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(BENCH_VENV)/bin/pip install -r benchmarks/requirements-bench.txt
 	touch $@
+
+# The Hugging Face route as a peer (benchmarks/optimum_peer.py), in its own environment (never
+# part of `make test`): optimum-onnx needs transformers < 4.58, the main venv has transformers 5.
+OPTIMUM_VENV := .venv-optimum
+
+.PHONY: bench-optimum-env
+bench-optimum-env: $(OPTIMUM_VENV)/.installed
+$(OPTIMUM_VENV)/.installed: benchmarks/requirements-optimum.txt
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/pip install -r benchmarks/requirements-optimum.txt
+	touch $@
