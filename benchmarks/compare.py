@@ -139,7 +139,7 @@ def run_mobilemoe(package: Path, fraction: float, a: argparse.Namespace) -> dict
                      "--expert-fraction", str(fraction), "--threads", str(a.threads),
                      "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                      "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-                     "--temperature", str(a.temperature), "--json"])
+                     "--temperature", str(a.temperature), "--policy", a.policy, "--json"])
 
 
 def run_llama(gguf_file: Path, a: argparse.Namespace) -> dict:
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="mobilemoe's decoding (llama.cpp always decodes greedily)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    p.add_argument("--policy", default="lru", help="mobilemoe's expert cache policy")
     p.add_argument("--data", type=Path, default=Path("/work/bench-data"))
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)

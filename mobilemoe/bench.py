@@ -13,7 +13,7 @@ Where the time goes is measured from outside the runtime, by a small instrumenta
 (`_Probe`) installed on the loaded model and removed afterwards. It times
 - `run` of the embed, layer and head sessions              -> "dense"
 - `run` of every other session (the experts' sessions)     -> "experts"
-- the expert store's `read` (read + crc32 of one block)    -> part of "paging"
+- the expert store's `read_unchecked` (read one block)      -> part of "paging"
 and takes paging time from the cache's own statistics (evict + read + build the session).
 "other" is the rest of the wall time: Python and numpy between the sessions (routing,
 combining expert outputs, binding inputs, sampling). The wrappers cost two
@@ -127,8 +127,11 @@ class _Probe:
                                                                       dense_ids))
             self.available["dense"] = self.available["experts"] = True
         store = getattr(model, "_store", None)
-        if store is not None and callable(getattr(store, "read", None)):
-            self._patch(store, "read", self._timed(store.read, "read"))
+        # A page-in reads with `read_unchecked` (the crc32 runs on another thread, overlapped
+        # with the session build); older runtimes read and checked in `read`.
+        reader = "read_unchecked" if hasattr(store, "read_unchecked") else "read"
+        if store is not None and callable(getattr(store, reader, None)):
+            self._patch(store, reader, self._timed(getattr(store, reader), "read"))
             self.available["read"] = True
 
     def _timed_session(self, original, dense_ids: frozenset[int]):

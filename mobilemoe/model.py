@@ -336,9 +336,23 @@ class MoEModel:
         return self._held[self._template_of(*key)]
 
     def _load_expert(self, key: tuple[int, int]) -> Loaded:
+        # what this page-in adds, and what the next forward step's buffers may need
+        self._trim_if_near_budget(self._held_bytes(key) + self.plan.staging_bytes
+                                  + self.plan.activation_bytes)
         session = self._expert_session(*key)
         self._sample_rss()
         return Loaded(session, self._held_bytes(key), self._store.entry(*key).length)
+
+    def _trim_if_near_budget(self, coming: int) -> None:
+        """malloc_trim before a page-in whose bytes would take RSS past the budget.
+
+        Evicted sessions' large buffers go back to the OS when freed (mmapped); their small
+        ones stay in glibc's heap for reuse, a few percent of the budget over a burst of
+        evictions. Trimming after every eviction kept RSS in budget but cost ~1 ms a page-in
+        with a large heap; reading RSS costs ~10 us, so trim only when it matters."""
+        if self.memory_budget is not None and \
+                rss() - self._baseline_rss + coming > self.memory_budget:
+            release_freed_memory()
 
     def _sample_rss(self) -> None:
         self._peak_rss = max(self._peak_rss, rss())
