@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from mobilemoe.bench import BenchResult, PhaseResult, run_bench
-from mobilemoe.cache_policies import POLICY_NAMES, policy_for_package
+from mobilemoe.cache_policies import DEFAULT_POLICY, POLICY_NAMES, policy_for_package
 
 from .format import fail, format_bytes, print_rows, user_errors
 
@@ -47,7 +47,7 @@ def bench(
              "them changing.")] = 0.0,
     policy: Annotated[str, typer.Option(
         "--policy", metavar="NAME",
-        help=f"Expert cache eviction policy: {', '.join(POLICY_NAMES)}.")] = "lru",
+        help=f"Expert cache eviction policy: {', '.join(POLICY_NAMES)}.")] = DEFAULT_POLICY,
     routing_profile: Annotated[Path | None, typer.Option(
         "--routing-profile", metavar="FILE",
         help="With --policy pinned: the routing profile (default: the package's).",

@@ -15,7 +15,12 @@ from typing import Annotated
 import typer
 
 import mobilemoe
-from mobilemoe.cache_policies import POLICY_NAMES, check_policy_name, policy_for_package
+from mobilemoe.cache_policies import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    check_policy_name,
+    policy_for_package,
+)
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.manifest import DEFAULT_BLOCK_SIZE
 
@@ -92,7 +97,7 @@ def _root(
 
 
 def _load(package: str, memory_budget: str | None, threads: int | None,
-          context_length: int | None, policy: str = "lru",
+          context_length: int | None, policy: str = DEFAULT_POLICY,
           routing_profile: Path | None = None) -> mobilemoe.MoEModel:
     return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
                           context_length=context_length,
@@ -100,7 +105,7 @@ def _load(package: str, memory_budget: str | None, threads: int | None,
 
 
 def _load_or_demo(package: str | None, memory_budget: str | None, threads: int | None,
-                  context_length: int | None, policy: str = "lru",
+                  context_length: int | None, policy: str = DEFAULT_POLICY,
                   routing_profile: Path | None = None) -> mobilemoe.MoEModel:
     """The package, or with none the shipped demo model (exported once, cached)."""
     check_policy_name(policy)  # before the demo model is exported or named
@@ -180,7 +185,7 @@ def run(
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
-    policy: Policy = "lru",
+    policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
@@ -225,7 +230,7 @@ def chat(
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     context_length: ContextLength = None,
-    policy: Policy = "lru",
+    policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
 ) -> None:
     """Chat with a model: /stats, /reset, /exit (Ctrl-C stops a reply)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobilemoe.cache_policies import DEFAULT_POLICY, policy_by_name
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
 from mobilemoe.expert_store import ExpertStore
@@ -249,7 +250,8 @@ class MoEModel:
         self.plan = MemoryPlan(dense_bytes, kv_bytes, buffers, 2 * largest_block,
                                max(self._held.values()), d.top_k, self.context_length)
         capacity = self.plan.expert_capacity(self.memory_budget)
-        self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity, policy)
+        self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity,
+                                  policy or policy_by_name(DEFAULT_POLICY))
 
         self._sample_rss()
 

@@ -11,6 +11,7 @@ from checkpoints import build_mixtral
 from mobilemoe.export import export_model
 
 import mobilemoe
+from mobilemoe.cache_policies import LRFUPolicy
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
 
@@ -101,3 +102,14 @@ def test_peak_rss_minus_baseline_stays_under_the_budget(tmp_path):
     run = json.loads(out)
     assert run["evictions"] > 0
     assert run["max_rss"] - run["baseline"] <= budget, run
+
+
+def test_the_default_policy_is_lrfu_and_stays_lossless(package):
+    """LRFU is the default (docs/CACHE_POLICIES.md); under a budget that evicts it gives the
+    resident logits bit for bit, as every policy must."""
+    resident = mobilemoe.load(package)
+    expected = resident.logits(PROMPT)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
+    assert isinstance(tight._cache.policy, LRFUPolicy)
+    assert np.array_equal(tight.logits(PROMPT), expected)
+    assert tight.stats.evictions > 0
