@@ -60,6 +60,21 @@ def greedy(llm: Llama, vocab: int) -> int:
     return int(np.argmax(logits))
 
 
+def no_extra_buffers() -> None:
+    """llama.cpp's `--no-repack` (model param use_extra_bufts = false), which llama-cpp-python's
+    Llama() does not take: patch the default model params it starts from."""
+    import llama_cpp.llama_cpp as low
+
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+
+
 def run(path: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int, threads: int,
         seed: int) -> dict:
     load_before = os.getloadavg()[0]
@@ -109,7 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-repack", action="store_true",
+                        help="use the mapped Q4_0 weights as they are (llama.cpp's --no-repack): "
+                             "its repacked copy for the AVX-512 kernels needs RAM for every weight")
     args = parser.parse_args(argv)
+    if args.no_repack:
+        no_extra_buffers()
     print(json.dumps(run(args.gguf, args.prompt_tokens, args.new_tokens, args.repeats,
                          args.warmup, args.threads, args.seed), indent=2))
 

@@ -86,3 +86,19 @@ def route(logits: np.ndarray, r: Routing, selection: np.ndarray | None = None
     if r.scaling != 1.0:
         weights = weights * np.float32(r.scaling)
     return experts, weights.astype(np.float32)
+
+
+def tokens_by_expert(experts: np.ndarray, weights: np.ndarray
+                     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """experts, weights [T, k] -> {expert: (rows of the tokens routed to it [n], their weights
+    [n])}, in expert order."""
+    if len(experts) == 1:  # one token (decoding): the same result with fewer numpy calls
+        row = np.zeros(1, np.intp)
+        return {int(e): (row, weights[0, j:j + 1]) for j, e in
+                sorted(enumerate(experts[0].tolist()), key=lambda je: je[1])}
+    groups = {}
+    for expert in np.unique(experts):
+        chosen = experts == expert  # [T, k]: a token picks an expert at most once
+        rows = np.nonzero(chosen.any(axis=1))[0]
+        groups[int(expert)] = rows, (weights[rows] * chosen[rows]).sum(axis=1)
+    return groups

@@ -19,7 +19,7 @@ from checkpoints import (
 from mobilemoe.export import export_model
 
 import mobilemoe
-from mobilemoe.model import tokens_by_expert
+from mobilemoe.routing import tokens_by_expert
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8]
 
