@@ -71,6 +71,7 @@ def session_options() -> ort.SessionOptions:
     elif _global_threads is not None:
         so.intra_op_num_threads = -_global_threads
     so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False  # without an arena it only adds a block per input shape
     so.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
     return so
 
