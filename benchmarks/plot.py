@@ -28,7 +28,7 @@ def _runs(result: dict) -> list[dict]:
                   key=lambda x: -x["expert_fraction"])
 
 
-def plot_budget(sweep: dict, out: Path) -> Path:
+def plot_budget(sweep: dict, out: Path, prefix: str = "perf_") -> Path:
     runs = _runs(sweep)
     pct = [100 * x["expert_fraction"] for x in runs]
     fig, left = plt.subplots(figsize=(7, 4))
@@ -51,13 +51,14 @@ def plot_budget(sweep: dict, out: Path) -> Path:
     left.set_title(f"mobilemoe, {sweep['shape']} shape, int{sweep['bits']}, "
                    f"{sweep['threads']} threads")
     fig.tight_layout()
-    path = out / "perf_budget.png"
+    path = out / f"{prefix}budget.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_split(sweep: dict, head_to_head: dict | None, out: Path) -> Path:
+def plot_split(sweep: dict, head_to_head: dict | None, out: Path, prefix: str = "perf_"
+               ) -> Path:
     """Share of a decode token's time per part at each budget, the total above each bar."""
     runs = _runs(sweep)
     labels = [f"{100 * x['expert_fraction']:g}%" for x in runs]
@@ -81,7 +82,7 @@ def plot_split(sweep: dict, head_to_head: dict | None, out: Path) -> Path:
     ax.set_xlabel("experts the budget holds")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    path = out / "perf_split.png"
+    path = out / f"{prefix}split.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -92,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", type=Path, required=True, help="compare.py JSON with fractions")
     p.add_argument("--head-to-head", type=Path, help="compare.py JSON with a llama.cpp run")
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--prefix", default="perf_", help="file names: PREFIXbudget.png, PREFIXsplit.png")
     a = p.parse_args(argv)
     sweep = json.loads(a.sweep.read_text())
     head = json.loads(a.head_to_head.read_text()) if a.head_to_head else None
-    for path in (plot_budget(sweep, a.out), plot_split(sweep, head, a.out)):
+    for path in (plot_budget(sweep, a.out, a.prefix), plot_split(sweep, head, a.out, a.prefix)):
         print(f"wrote {path}")
 
 
