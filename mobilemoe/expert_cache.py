@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,14 +93,39 @@ class ExpertCache:
         # Evict first, so the new session never coexists with what it replaces.
         self._make_room(self._held_bytes(key), keep)
         entry = self._load(key)
+        self._insert(key, entry)
+        self.stats.paging_seconds += time.perf_counter() - start
+        return entry.session
+
+    def get_all(self, keys: Sequence[Key], pool: Executor) -> list[Any]:
+        """Sessions for `keys` (not cached ones, typically), paged in concurrently on `pool`
+        after room is made for all of them at once; none of `keys` is evicted for another."""
+        sessions: dict[Key, Any] = {}
+        missing = []
+        for key in keys:
+            if key in self._entries:
+                sessions[key] = self.get(key)
+            else:
+                missing.append(key)
+        if missing:
+            self.stats.misses += len(missing)
+            start = time.perf_counter()
+            self._make_room(sum(self._held_bytes(k) for k in missing), set(keys))
+            loaded = list(pool.map(self._load, missing)) if len(missing) > 1 else \
+                [self._load(missing[0])]
+            for key, entry in zip(missing, loaded, strict=True):
+                self._insert(key, entry)
+                sessions[key] = entry.session
+            self.stats.paging_seconds += time.perf_counter() - start
+        return [sessions[key] for key in keys]
+
+    def _insert(self, key: Key, entry: Loaded) -> None:
         self._entries[key] = entry
         self.policy.inserted(key)
         self.stats.bytes_paged_in += entry.read_bytes
         self.stats.resident_bytes += entry.held_bytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes,
                                              self.stats.resident_bytes)
-        self.stats.paging_seconds += time.perf_counter() - start
-        return entry.session
 
     def _make_room(self, needed: int, keep: set) -> None:
         # No malloc_trim here (~1 ms with a large heap, a quarter of a page-in): an evicted

@@ -3,7 +3,8 @@
 budget = resident dense graphs (measured RSS after creating their sessions)
        + KV cache (preallocated for the context length)
        + activation buffers (the largest prefill chunk's intermediates, estimated)
-       + staging (an expert's bytes while it is being read and handed to ONNX Runtime)
+       + staging (the experts being paged in at once: each one's read block and ONNX
+                  Runtime's copy while its session is built)
        + expert cache (the rest; at least one layer's top-k experts)
 """
 
@@ -16,6 +17,23 @@ from mobilemoe.manifest import ModelDims
 from mobilemoe.units import format_bytes
 
 FLOAT_BYTES = 4
+# Large experts are paged in this many at once, on as many threads: building a session is
+# single-threaded and releases the GIL. Measured on 2 cores: Mixtral-8x7B's 99 MB experts page
+# in at 2.68 ms/MB two at a time against 3.43 one at a time (decode 0.063 vs 0.045 tok/s);
+# OLMoE's 3.5 MB experts gain nothing (3.4-3.8 vs 3.3 ms/MB: the builds are short next to
+# ONNX Runtime's thread pool, which keeps spinning on the other core after each expert runs).
+PAGE_IN_THREADS = 2
+CONCURRENT_PAGE_IN_BLOCK = 16 << 20  # blocks at least this large are paged in concurrently
+
+
+def page_in_threads(largest_block: int) -> int:
+    return PAGE_IN_THREADS if largest_block >= CONCURRENT_PAGE_IN_BLOCK else 1
+
+
+def staging_bytes(largest_block: int) -> int:
+    """Transient memory of the page-ins in flight: a read block and its copy in ONNX Runtime
+    while the session is built, per page-in thread."""
+    return page_in_threads(largest_block) * 2 * largest_block
 
 
 def kv_cache_bytes(dims: ModelDims, context_length: int) -> int:

@@ -27,7 +27,13 @@ from mobilemoe.expert_store import ExpertStore
 from mobilemoe.layers import KVCache, LayerRunner
 from mobilemoe.manifest import FileRef, LayerInfo, Manifest, resolve_inside
 from mobilemoe.memory import limit_heap_retention, max_rss, release_freed_memory, rss
-from mobilemoe.memory_plan import MemoryPlan, activation_bytes, kv_cache_bytes
+from mobilemoe.memory_plan import (
+    MemoryPlan,
+    activation_bytes,
+    kv_cache_bytes,
+    page_in_threads,
+    staging_bytes,
+)
 from mobilemoe.ort_sessions import (
     create_session,
     create_session_with_weights,
@@ -145,11 +151,15 @@ class MoEModel:
             self._checker.shutdown()
             self._store.close()
             raise
-        self.plan = MemoryPlan(dense_bytes, kv_bytes, buffers, 2 * largest_block,
+        self.plan = MemoryPlan(dense_bytes, kv_bytes, buffers, staging_bytes(largest_block),
                                max(self._held.values()), d.top_k, self.context_length)
         capacity = self.plan.expert_capacity(self.memory_budget)
         self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity,
                                   policy or policy_by_name(DEFAULT_POLICY))
+        # Misses are paged in this many at a time, concurrently; never more than the cache holds.
+        self._page_in_batch = max(1, min(page_in_threads(largest_block),
+                                         capacity // max(self._held.values())))
+        self._pager = ThreadPoolExecutor(self._page_in_batch, thread_name_prefix="mobilemoe-page-in")
 
         self._sample_rss()
 
@@ -266,17 +276,27 @@ class MoEModel:
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
         groups = tokens_by_expert(experts, weights)
-        for expert in groups:  # start reading every miss now: the kernel reads ahead of us
-            if (layer, expert) not in self._cache:
-                self._store.prefetch(layer, expert)
-        # Run the cached experts first (a miss may evict one this layer still needs), but
-        # add the outputs up in expert order: the sum must not depend on the cache.
+        misses = [e for e in groups if (layer, e) not in self._cache]
+        for expert in misses:  # start reading every miss now: the kernel reads ahead of us
+            self._store.prefetch(layer, expert)
         one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
         outputs = {}
-        for expert in sorted(groups, key=lambda e: (layer, e) not in self._cache):
+
+        def run(expert: int, session) -> None:
             rows = groups[expert][0]
-            outputs[expert] = self._cache.get((layer, expert)).run(
-                None, {"x": x if one else x[rows]})[0]  # [n, H]
+            outputs[expert] = session.run(None, {"x": x if one else x[rows]})[0]  # [n, H]
+
+        # The cached experts first (a miss may evict one this layer still needs), then the
+        # misses, paged in a few at a time concurrently; the outputs are added up in expert
+        # order: the sum must not depend on the cache.
+        for expert in groups:
+            if expert not in misses:
+                run(expert, self._cache.get((layer, expert)))
+        for start in range(0, len(misses), self._page_in_batch):
+            batch = misses[start:start + self._page_in_batch]
+            sessions = self._cache.get_all([(layer, e) for e in batch], self._pager)
+            for expert, session in zip(batch, sessions, strict=True):
+                run(expert, session)
         out = np.zeros_like(x)
         for expert, (rows, weight) in groups.items():
             if one:
@@ -442,6 +462,7 @@ class MoEModel:
 
     def close(self) -> None:
         self._cache.clear()
+        self._pager.shutdown()
         self._checker.shutdown()
         self._store.close()
 

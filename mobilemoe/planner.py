@@ -34,7 +34,7 @@ import numpy as np
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import LRUPolicy
 from mobilemoe.manifest import Manifest
-from mobilemoe.memory_plan import activation_bytes, kv_cache_bytes
+from mobilemoe.memory_plan import activation_bytes, kv_cache_bytes, staging_bytes
 from mobilemoe.units import parse_bytes
 
 ROUTING_PROFILE = "routing_profile.json"
@@ -352,7 +352,7 @@ def plan(package: str | Path | Manifest, device: Device, budget: int | str | Non
 
     session = expert_session_bytes(f)
     dense = int(f.dense_graph_bytes * DENSE_HELD_RATIO + (f.num_layers + 2) * DENSE_SESSION_OVERHEAD)
-    staging = 2 * f.expert_block_bytes
+    staging = staging_bytes(f.expert_block_bytes)
     fixed = dense + f.kv_bytes + f.activation_bytes + staging
     minimum = _round_up((fixed + f.top_k * session) * 1.02)  # 2% margin, as the runtime
     all_resident = _round_up((fixed + f.experts_total * session) * 1.02)

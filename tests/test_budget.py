@@ -11,6 +11,7 @@ from checkpoints import build_mixtral
 from mobilemoe.export import export_model
 
 import mobilemoe
+from mobilemoe import memory_plan
 from mobilemoe.cache_policies import LRFUPolicy
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
@@ -113,3 +114,20 @@ def test_the_default_policy_is_lrfu_and_stays_lossless(package):
     assert isinstance(tight._cache.policy, LRFUPolicy)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert tight.stats.evictions > 0
+
+
+def test_concurrent_page_ins_are_lossless_and_counted(package, monkeypatch):
+    """Large experts are paged in two at a time on threads; force it on these small ones."""
+    monkeypatch.setattr(memory_plan, "CONCURRENT_PAGE_IN_BLOCK", 0)
+    resident = mobilemoe.load(package)
+    expected = resident.logits(PROMPT)
+    budget = resident.plan.tightest_budget + resident.plan.expert_session_bytes
+    with mobilemoe.load(package, memory_budget=budget) as paged:
+        assert paged._page_in_batch == 2
+        assert np.array_equal(paged.logits(PROMPT), expected)
+        generated = [t.token_id for t in paged.generate(PROMPT, max_new_tokens=6)]
+        s = paged.stats
+    assert generated == [t.token_id for t in resident.generate(PROMPT, max_new_tokens=6)]
+    assert s.evictions > 0 and s.misses > 0
+    assert s.expert_cache_bytes <= s.expert_cache_capacity
+    assert s.bytes_paged_in == s.misses * resident._store.entry(0, 0).length
