@@ -334,3 +334,11 @@ def test_cli_mobile_errors_are_one_line(package, tmp_path, args, fragment):
 def test_cli_mobile_missing_package(tmp_path):
     result = CliRunner().invoke(app, ["mobile", str(tmp_path / "none"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "not a folder" in result.output
+
+
+def test_app_manifest_carries_the_runtime_session_choices(app_manifest):
+    """What an app must set to behave like the desktop runtime."""
+    assert app_manifest["session"]["memory_pattern"] is False
+    assert app_manifest["cache_policy"] == "lrfu"
+    assert all(t["graph_optimization"] == "disable_all"
+               for t in app_manifest["expert_templates"].values())
