@@ -151,6 +151,26 @@ def run_llama(gguf_file: Path, a: argparse.Namespace) -> dict:
                      "--warmup", str(a.warmup)])
 
 
+def paired_round(package: Path, gguf_file: Path, a: argparse.Namespace, index: int) -> dict:
+    """Both engines fully resident once more, in alternating order (mobilemoe first in even
+    rounds): on a shared machine the load drifts, and alternation spreads the drift over both."""
+    print(f"round {index + 1}/{a.rounds} ...", file=sys.stderr, flush=True)
+    runs = {}
+    for engine in (("mobilemoe", "llama") if index % 2 == 0 else ("llama", "mobilemoe")):
+        runs[engine] = run_mobilemoe(package, 1.0, a) if engine == "mobilemoe" else \
+            run_llama(gguf_file, a)
+    m, ll = runs["mobilemoe"], runs["llama"]
+    if "error" in m or "error" in ll:
+        return {"error": m.get("error") or ll.get("error")}
+    return {"mobilemoe_decode": m["decode"]["tokens_per_s"],
+            "llama_decode": ll["decode_tokens_per_s"],
+            "mobilemoe_prefill": m["prefill"]["tokens_per_s"],
+            "llama_prefill": ll["prefill_tokens_per_s"],
+            "decode_ratio": m["decode"]["tokens_per_s"] / ll["decode_tokens_per_s"],
+            "prefill_ratio": m["prefill"]["tokens_per_s"] / ll["prefill_tokens_per_s"],
+            "first": "mobilemoe" if index % 2 == 0 else "llama.cpp"}
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -201,6 +221,16 @@ def report(r: dict) -> str:
                    f"| {d['hit_rate']:.1%} | {d['mb_paged_per_token']:.1f} "
                    f"| {fmt(x['paging_ms_per_mb'], '.2f')} | {fmt(read_ms, '.2f')} "
                    f"| {gb(x['peak_rss'] - x['baseline_rss'])} |")
+    rounds = [x for x in r.get("rounds", []) if "error" not in x]
+    if rounds:
+        out += ["", "| round | first | mobilemoe decode | llama.cpp decode | ratio | prefill ratio |",
+                "|---|---|---|---|---|---|"]
+        for i, x in enumerate(rounds, 1):
+            out.append(f"| {i} | {x['first']} | {x['mobilemoe_decode']:.2f} "
+                       f"| {x['llama_decode']:.2f} | {x['decode_ratio']:.2f}x "
+                       f"| {x['prefill_ratio']:.2f}x |")
+        out.append(f"| median | | | | {statistics.median(x['decode_ratio'] for x in rounds):.2f}x "
+                   f"| {statistics.median(x['prefill_ratio'] for x in rounds):.2f}x |")
     out += ["", "mobilemoe, ms per token (mean over recorded repeats):", "",
             "| expert fraction | phase | dense | experts | paging (read) | other | total |",
             "|---|---|---|---|---|---|---|"]
@@ -230,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="mobilemoe's decoding (llama.cpp always decodes greedily)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    p.add_argument("--policy", default="lru", help="mobilemoe's expert cache policy")
+    p.add_argument("--policy", default="lrfu", help="mobilemoe's expert cache policy")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="then this many more fully resident pairs, in alternating order")
     p.add_argument("--data", type=Path, default=Path("/work/bench-data"))
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
@@ -256,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.no_llama:
         print("llama.cpp ...", file=sys.stderr, flush=True)
         result["llama"] = run_llama(gguf_file, a)
+        result["rounds"] = [paired_round(package, gguf_file, a, i) for i in range(a.rounds)]
     if a.json_out:
         a.json_out.write_text(json.dumps(result, indent=2))
     print(report(result))
