@@ -131,7 +131,8 @@ class ExpertCache:
         # No malloc_trim here (~1 ms with a large heap, a quarter of a page-in): an evicted
         # session's large buffers are mmapped (memory.limit_heap_retention) and go back to
         # the OS when freed; its small ones are reused by the session built next. The
-        # runtime trims once per forward step.
+        # runtime trims once per forward step, and before a page-in that would cross the
+        # budget (MoEModel._trim_if_near_budget).
         while self.stats.resident_bytes + needed > self.capacity_bytes:
             victim = self.policy.victim(keep)
             if victim is None:
