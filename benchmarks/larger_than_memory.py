@@ -37,11 +37,7 @@ CGROUP = Path("/sys/fs/cgroup/memory/mobilemoe-bench")
 sys.path.insert(0, str(HERE))
 from compare import drop_page_cache  # noqa: E402
 
-
-def parse_size(text: str) -> int:
-    from mobilemoe.units import parse_bytes
-
-    return parse_bytes(text)
+from mobilemoe.units import parse_bytes  # noqa: E402
 
 
 def limited(limit: int | None):
@@ -75,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-free-llama", action="store_true", help="skip run 3")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
-    limit = parse_size(a.memory_limit)
+    limit = parse_bytes(a.memory_limit)
     CGROUP.mkdir(exist_ok=True)
     (CGROUP / "memory.limit_in_bytes").write_text(str(limit))
     common = ["--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),

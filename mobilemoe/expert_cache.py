@@ -88,36 +88,29 @@ class ExpertCache:
             self.stats.hits += 1
             self.policy.touched(key)
             return entry.session
-        self.stats.misses += 1
-        start = time.perf_counter()
-        # Evict first, so the new session never coexists with what it replaces.
-        self._make_room(self._held_bytes(key), keep)
-        entry = self._load(key)
-        self._insert(key, entry)
-        self.stats.paging_seconds += time.perf_counter() - start
-        return entry.session
+        return self._page_in([key], keep, None)[0]
 
-    def get_all(self, keys: Sequence[Key], pool: Executor) -> list[Any]:
-        """Sessions for `keys` (not cached ones, typically), paged in concurrently on `pool`
-        after room is made for all of them at once; none of `keys` is evicted for another."""
-        sessions: dict[Key, Any] = {}
-        missing = []
-        for key in keys:
-            if key in self._entries:
-                sessions[key] = self.get(key)
-            else:
-                missing.append(key)
+    def get_all(self, keys: Sequence[Key], pool: Executor | None) -> list[Any]:
+        """Sessions for `keys` (not cached ones, typically), the missing ones paged in
+        concurrently on `pool` after room is made for all of them at once; none of `keys` is
+        evicted for another."""
+        sessions = {key: self.get(key) for key in keys if key in self._entries}
+        missing = [key for key in keys if key not in sessions]
         if missing:
-            self.stats.misses += len(missing)
-            start = time.perf_counter()
-            self._make_room(sum(self._held_bytes(k) for k in missing), set(keys))
-            loaded = list(pool.map(self._load, missing)) if len(missing) > 1 else \
-                [self._load(missing[0])]
-            for key, entry in zip(missing, loaded, strict=True):
-                self._insert(key, entry)
-                sessions[key] = entry.session
-            self.stats.paging_seconds += time.perf_counter() - start
+            sessions.update(zip(missing, self._page_in(missing, set(keys), pool), strict=True))
         return [sessions[key] for key in keys]
+
+    def _page_in(self, keys: list[Key], keep: set, pool: Executor | None) -> list[Any]:
+        self.stats.misses += len(keys)
+        start = time.perf_counter()
+        # Evict first, so a new session never coexists with what it replaces.
+        self._make_room(sum(self._held_bytes(k) for k in keys), keep)
+        loaded = list(pool.map(self._load, keys)) if pool and len(keys) > 1 else \
+            [self._load(key) for key in keys]
+        for key, entry in zip(keys, loaded, strict=True):
+            self._insert(key, entry)
+        self.stats.paging_seconds += time.perf_counter() - start
+        return [entry.session for entry in loaded]
 
     def _insert(self, key: Key, entry: Loaded) -> None:
         self._entries[key] = entry

@@ -159,7 +159,8 @@ class MoEModel:
         # Misses are paged in this many at a time, concurrently; never more than the cache holds.
         self._page_in_batch = max(1, min(page_in_threads(largest_block),
                                          capacity // max(self._held.values())))
-        self._pager = ThreadPoolExecutor(self._page_in_batch, thread_name_prefix="mobilemoe-page-in")
+        self._pager = (ThreadPoolExecutor(self._page_in_batch, thread_name_prefix="mobilemoe-page-in")
+                       if self._page_in_batch > 1 else None)
 
         self._sample_rss()
 
@@ -276,7 +277,7 @@ class MoEModel:
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
         groups = tokens_by_expert(experts, weights)
-        misses = [e for e in groups if (layer, e) not in self._cache]
+        misses = [e for e in groups if (layer, e) not in self._cache]  # in expert order
         for expert in misses:  # start reading every miss now: the kernel reads ahead of us
             self._store.prefetch(layer, expert)
         one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
@@ -462,7 +463,8 @@ class MoEModel:
 
     def close(self) -> None:
         self._cache.clear()
-        self._pager.shutdown()
+        if self._pager is not None:
+            self._pager.shutdown()
         self._checker.shutdown()
         self._store.close()
 
