@@ -135,11 +135,14 @@ def run_json(cmd: list[str]) -> dict:
 
 
 def run_mobilemoe(package: Path, fraction: float, a: argparse.Namespace) -> dict:
+    # fused experts need every expert resident: only the fully resident runs take them
+    fused = ["--fused-experts"] if a.fused_experts and fraction == 1.0 else []
     return run_json([str(MAIN_PY), "-m", "mobilemoe.cli.main", "bench", str(package),
                      "--expert-fraction", str(fraction), "--threads", str(a.threads),
                      "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                      "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-                     "--temperature", str(a.temperature), "--policy", a.policy, "--json"])
+                     "--temperature", str(a.temperature), "--policy", a.policy, *fused,
+                     "--json"])
 
 
 def run_llama(gguf_file: Path, a: argparse.Namespace) -> dict:
@@ -191,7 +194,8 @@ def report(r: dict) -> str:
             f"| cold sequential read | {fmt(m['cold_read'] and m['cold_read'] / 1e9, '.2f')} GB/s |",
             f"| load average (1 min) at start | {m['load_average']:.1f} |",
             ""]
-    rows = [("mobilemoe", x) for x in r["mobilemoe"] if x.get("expert_fraction") == 1.0]
+    rows = [("mobilemoe" + (" (fused experts)" if x.get("fused_experts") else ""), x)
+            for x in r["mobilemoe"] if x.get("expert_fraction") == 1.0]
     rows.append(("llama.cpp", r["llama"]))
     out += ["| engine | decode tok/s | prefill tok/s | weights / token | roofline tok/s "
             "| % of roofline | peak RSS | peak - baseline | load avg |",
@@ -200,8 +204,9 @@ def report(r: dict) -> str:
         if "error" in x:
             out.append(f"| {name} | error: {x['error'].splitlines()[-1][:120]} ||||||||")
             continue
-        dec = x["decode"]["tokens_per_s"] if name == "mobilemoe" else x["decode_tokens_per_s"]
-        pre = x["prefill"]["tokens_per_s"] if name == "mobilemoe" else x["prefill_tokens_per_s"]
+        ours = name.startswith("mobilemoe")
+        dec = x["decode"]["tokens_per_s"] if ours else x["decode_tokens_per_s"]
+        pre = x["prefill"]["tokens_per_s"] if ours else x["prefill_tokens_per_s"]
         roof = bw / x["weight_bytes_per_token"]
         out.append(f"| {name} | {dec:.2f} | {pre:.1f} | {x['weight_bytes_per_token'] / 1e6:.0f} MB "
                    f"| {roof:.1f} | {100 * dec / roof:.0f}% | {gb(x['peak_rss'])} "
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="mobilemoe's decoding (llama.cpp always decodes greedily)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--policy", default="lrfu", help="mobilemoe's expert cache policy")
+    p.add_argument("--fused-experts", action="store_true",
+                   help="fully resident mobilemoe runs with --fused-experts (one QMoE per layer)")
     p.add_argument("--rounds", type=int, default=0,
                    help="then this many more fully resident pairs, in alternating order")
     p.add_argument("--data", type=Path, default=Path("/work/bench-data"))

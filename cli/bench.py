@@ -52,6 +52,10 @@ def bench(
         "--routing-profile", metavar="FILE",
         help="With --policy pinned: the routing profile (default: the package's).",
         show_default=False)] = None,
+    fused_experts: Annotated[bool, typer.Option(
+        "--fused-experts",
+        help="Each layer's experts in one QMoE kernel, all resident (lossy: float sums in "
+             "another order).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Measure prefill and decode speed, expert paging and peak memory of a package."""
@@ -63,7 +67,8 @@ def bench(
                            warmup=warmup, expert_fraction=expert_fraction,
                            context_length=context_length, preload=preload, seed=seed,
                            temperature=temperature,
-                           policy=policy_for_package(policy, package, routing_profile))
+                           policy=policy_for_package(policy, package, routing_profile),
+                           fused_experts=fused_experts)
     if as_json:
         typer.echo(result.to_json())
     else:
@@ -101,7 +106,8 @@ def print_result(r: BenchResult) -> None:
                 f"{r.repeats} repeats after {r.warmup} warm-up"),
         ("budget", f"{budget}; expert cache "
                    f"{'unlimited' if r.memory_budget is None else format_bytes(r.expert_cache_capacity)}"
-                   f" (all experts: {format_bytes(r.all_experts_bytes)}), policy {r.policy}"),
+                   f" (all experts: {format_bytes(r.all_experts_bytes)}), "
+                   + ("experts fused (QMoE)" if r.fused_experts else f"policy {r.policy}")),
         ("load", f"{r.load_seconds:.2f} s; preloaded {r.preloaded_experts} experts in "
                  f"{r.preload_seconds:.2f} s"),
         *_phase_rows("prefill", r.prefill),

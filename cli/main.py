@@ -81,6 +81,11 @@ RoutingProfile = Annotated[Path | None, typer.Option(
     help="With --policy pinned: the routing profile whose hottest experts stay cached "
          "(default: the package's routing_profile.json).", show_default=False)]
 
+FusedExperts = Annotated[bool, typer.Option(
+    "--fused-experts",
+    help="Run each layer's experts in one QMoE kernel, all resident: faster decode; lossy "
+         "(float sums in another order).")]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -98,19 +103,22 @@ def _root(
 
 def _load(package: str, memory_budget: str | None, threads: int | None,
           context_length: int | None, policy: str = DEFAULT_POLICY,
-          routing_profile: Path | None = None) -> mobilemoe.MoEModel:
+          routing_profile: Path | None = None, fused_experts: bool = False) -> mobilemoe.MoEModel:
     return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
                           context_length=context_length,
-                          policy=policy_for_package(policy, package, routing_profile))
+                          policy=policy_for_package(policy, package, routing_profile),
+                          fused_experts=fused_experts)
 
 
 def _load_or_demo(package: str | None, memory_budget: str | None, threads: int | None,
                   context_length: int | None, policy: str = DEFAULT_POLICY,
-                  routing_profile: Path | None = None) -> mobilemoe.MoEModel:
+                  routing_profile: Path | None = None,
+                  fused_experts: bool = False) -> mobilemoe.MoEModel:
     """The package, or with none the shipped demo model (exported once, cached)."""
     check_policy_name(policy)  # before the demo model is exported or named
     if package is not None:
-        return _load(package, memory_budget, threads, context_length, policy, routing_profile)
+        return _load(package, memory_budget, threads, context_length, policy, routing_profile,
+                     fused_experts)
     from mobilemoe.manifest import Manifest
 
     from .demo import demo_context, demo_package
@@ -122,7 +130,8 @@ def _load_or_demo(package: str | None, memory_budget: str | None, threads: int |
         context_length = demo_context(Manifest.load(path).dims.max_position_embeddings)
     stderr_say(f"(no package given: the demo model, {path}; a text-continuation model, "
                "it does not follow instructions)")
-    return _load(str(path), memory_budget, threads, context_length, policy, routing_profile)
+    return _load(str(path), memory_budget, threads, context_length, policy, routing_profile,
+                 fused_experts)
 
 
 def _exporter():
@@ -187,6 +196,7 @@ def run(
     context_length: ContextLength = None,
     policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
+    fused_experts: FusedExperts = False,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     if prompt is None:  # one argument: the prompt, for the default (demo) model
@@ -199,7 +209,7 @@ def run(
         prompt = sys.stdin.read()
     with user_errors():
         model = _load_or_demo(package, memory_budget, threads, context_length, policy,
-                              routing_profile)
+                              routing_profile, fused_experts)
         tokens = model.generate(
             prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop=tuple(stop or ()))
@@ -232,13 +242,14 @@ def chat(
     context_length: ContextLength = None,
     policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
+    fused_experts: FusedExperts = False,
 ) -> None:
     """Chat with a model: /stats, /reset, /exit (Ctrl-C stops a reply)."""
     from .chat import chat_loop
 
     with user_errors():
         model = _load_or_demo(package, memory_budget, threads, context_length, policy,
-                              routing_profile)
+                              routing_profile, fused_experts)
     chat_loop(model, dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed), show_experts=show_experts)
 

@@ -94,6 +94,7 @@ class BenchResult:
     load_average: tuple[float, float] = (0.0, 0.0)
     notes: list[str] = field(default_factory=list)
     policy: str = "LRFUPolicy"  # the expert cache's eviction policy (its class)
+    fused_experts: bool = False  # each layer's experts ran as one QMoE kernel
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,7 +263,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
               warmup: int = 1, expert_fraction: float | None = None,
               context_length: int | None = None, preload: bool | None = None,
               seed: int = 0, temperature: float = 0.0,
-              policy: EvictionPolicy | None = None) -> BenchResult:
+              policy: EvictionPolicy | None = None, fused_experts: bool = False) -> BenchResult:
     """Benchmark the package at `path` (see the module docstring).
 
     memory_budget: as for `mobilemoe.load`; or expert_fraction: the budget whose expert cache
@@ -273,6 +274,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     repeats itself, and so do its routes, which flatters the expert cache; temperature 1
     samples nearly uniform tokens from such a model, so routes keep changing.
     policy: the expert cache's eviction policy, as for `mobilemoe.load` (default LRFU).
+    fused_experts: as for `mobilemoe.load` (every expert resident, one QMoE kernel per layer).
     """
     if prompt_tokens < 1 or new_tokens < 0 or repeats < 1 or warmup < 0:
         raise MobileMoEError("need prompt_tokens >= 1, new_tokens >= 0, repeats >= 1, warmup >= 0")
@@ -289,7 +291,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     load_before = _load_average()
     start = time.perf_counter()
     model = load(path, memory_budget=budget, threads=threads, context_length=context_length,
-                 policy=policy)
+                 policy=policy, fused_experts=fused_experts)
     load_seconds = time.perf_counter() - start
     probe = _Probe(model)
     try:
@@ -300,8 +302,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
             model._cache.capacity_bytes = min(model._cache.capacity_bytes,
                                               math.ceil(expert_fraction * all_experts))
         capacity = model._cache.capacity_bytes
-        if preload is None:
-            preload = capacity >= all_experts
+        if preload is None:  # fused experts were all loaded with the model
+            preload = capacity >= all_experts and not model.fused_experts
         start = time.perf_counter()
         preloaded = _preload(model) if preload else 0
         preload_seconds = time.perf_counter() - start
@@ -346,7 +348,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
             weight_bytes_per_token=weight_bytes_per_token(model),
             baseline_rss=stats.baseline_rss, peak_rss=stats.peak_rss, max_rss=stats.max_rss,
             load_average=(load_before, _load_average()), notes=notes,
-            policy=type(model._cache.policy).__name__)
+            policy=type(model._cache.policy).__name__, fused_experts=model.fused_experts)
     finally:
         probe.close()
         model.close()

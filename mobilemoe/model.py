@@ -3,7 +3,9 @@
 One forward step over T tokens (prefill: the whole prompt, in chunks; decode: one token):
 
     embed ─> for each layer: dense graph (attention + KV cache + router logits)
-                             ─> route ─> experts from the cache (tokens grouped by expert)
+                             ─> route ─> experts from the cache (tokens grouped by expert),
+                                         or all of a layer's experts in one QMoE kernel
+                                         (`fused_experts`, everything resident)
                              ─> residual + weighted expert outputs
           ─> head graph ─> logits
 """
@@ -24,6 +26,7 @@ from mobilemoe.cache_policies import DEFAULT_POLICY, policy_by_name
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
 from mobilemoe.expert_store import ExpertStore
+from mobilemoe.fused_experts import FusedLayerExperts, fusable, stacked_bytes
 from mobilemoe.layers import KVCache, LayerRunner
 from mobilemoe.manifest import FileRef, LayerInfo, Manifest, resolve_inside
 from mobilemoe.memory import limit_heap_retention, max_rss, release_freed_memory, rss
@@ -44,7 +47,7 @@ from mobilemoe.ort_sessions import (
 from mobilemoe.routing import route, tokens_by_expert
 from mobilemoe.sampling import sample
 from mobilemoe.text import StreamDecoder, TextCodec
-from mobilemoe.units import parse_bytes
+from mobilemoe.units import format_bytes, parse_bytes
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 256
@@ -93,7 +96,7 @@ def _remember(key: str, measured: int) -> int:
 class MoEModel:
     def __init__(self, package: Path, memory_budget: int | str | None = None,
                  threads: int | None = None, context_length: int | None = None,
-                 policy: EvictionPolicy | None = None):
+                 policy: EvictionPolicy | None = None, fused_experts: bool = False):
         self.package = Path(package)
         self.manifest = m = Manifest.load(self.package)
         self.dims = d = m.dims
@@ -161,8 +164,19 @@ class MoEModel:
                                          capacity // max(self._held.values())))
         self._pager = (ThreadPoolExecutor(self._page_in_batch, thread_name_prefix="mobilemoe-page-in")
                        if self._page_in_batch > 1 else None)
+        self._fused: dict[int, FusedLayerExperts] = {}
+        if fused_experts:
+            try:
+                self._fused = self._fuse_experts(capacity)
+            except BaseException:
+                self.close()
+                raise
 
         self._sample_rss()
+
+    @property
+    def fused_experts(self) -> bool:
+        return bool(self._fused)
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -222,6 +236,35 @@ class MoEModel:
             check.result()  # raises PackageError on a corrupt block
         return session
 
+    def _fuse_experts(self, capacity: int) -> dict[int, FusedLayerExperts]:
+        """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
+        m, d, q = self.manifest, self.dims, self.manifest.quantization
+        layers = [i for i, info in enumerate(self._layer_info) if info.moe]
+        # Per layer: the experts as their sessions would hold them (the same prepacked kernel
+        # layout) plus the float32 scales QMoE keeps; while a layer is built, its stacked
+        # weights on top.
+        weights, scales = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
+                                        q.expert_bits, q.block_size)
+        needed = len(layers) * (d.num_experts * max(self._held.values()) + scales) + weights
+        if needed > capacity:
+            raise MobileMoEError(
+                f"fused experts need every expert resident: {format_bytes(needed)} of experts, "
+                f"but the budget leaves {format_bytes(capacity)}; raise --memory-budget or "
+                "drop --fused-experts")
+        if not all(fusable(t) for t in m.templates.values()) or \
+                d.hidden_size % q.block_size or d.intermediate_size % q.block_size:
+            raise MobileMoEError(f"fused experts need unbiased SiLU experts whose widths are "
+                                 f"multiples of the block size; {m.model_type} at block "
+                                 f"{q.block_size} has not: drop --fused-experts")
+        fused = {}
+        for layer in layers:
+            fused[layer] = FusedLayerExperts(
+                self._store, layer, d.num_experts, d.top_k, d.hidden_size, d.intermediate_size,
+                q.expert_bits, q.block_size, q.accuracy_level)
+            release_freed_memory()  # the stacked weights, now repacked by ONNX Runtime
+            self._sample_rss()
+        return fused
+
     def _template_of(self, layer: int, expert: int) -> str:
         return self._store.entry(layer, expert).template
 
@@ -276,6 +319,8 @@ class MoEModel:
         experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
+        if self._fused:
+            return self._fused[layer](x, experts, weights)
         groups = tokens_by_expert(experts, weights)
         misses = [e for e in groups if (layer, e) not in self._cache]  # in expert order
         for expert in misses:  # start reading every miss now: the kernel reads ahead of us
@@ -462,6 +507,7 @@ class MoEModel:
         )
 
     def close(self) -> None:
+        self._fused = {}
         self._cache.clear()
         if self._pager is not None:
             self._pager.shutdown()
@@ -476,7 +522,12 @@ class MoEModel:
 
 
 def load(path: str | Path, memory_budget: int | str | None = None, threads: int | None = None,
-         context_length: int | None = None, policy: EvictionPolicy | None = None) -> MoEModel:
+         context_length: int | None = None, policy: EvictionPolicy | None = None,
+         fused_experts: bool = False) -> MoEModel:
     """Load a mobilemoe package to run within `memory_budget` ("4GB", "512MiB", bytes; None
-    for no limit) with `threads` compute threads (default: physical cores)."""
-    return MoEModel(Path(path).expanduser(), memory_budget, threads, context_length, policy)
+    for no limit) with `threads` compute threads (default: physical cores).
+
+    fused_experts: run each layer's experts in one QMoE kernel, all resident (faster decode;
+    lossy: float32 sums in another order, see mobilemoe.fused_experts)."""
+    return MoEModel(Path(path).expanduser(), memory_budget, threads, context_length, policy,
+                    fused_experts)
