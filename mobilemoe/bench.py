@@ -227,7 +227,8 @@ def plan_in_subprocess(path: str | Path, threads: int, context_length: int) -> d
         "m = mobilemoe.load(sys.argv[1], threads=int(sys.argv[2]), context_length=int(sys.argv[3]))\n"
         "p = m.plan\n"
         "print(json.dumps({'fixed': p.fixed_bytes, 'session': p.expert_session_bytes,\n"
-        "                  'minimum': p.minimum_budget, 'experts': len(m.manifest.experts)}))\n"
+        "                  'minimum': p.minimum_budget, 'experts': len(m.manifest.experts),\n"
+        "                  'fused': m.fused_experts_bytes()}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(context_length)],
                           capture_output=True, text=True)
@@ -236,13 +237,17 @@ def plan_in_subprocess(path: str | Path, threads: int, context_length: int) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def budget_for_fraction(plan: dict[str, int], fraction: float) -> int:
-    """A budget whose expert cache holds `fraction` of all experts (at least the minimum)."""
+def budget_for_fraction(plan: dict[str, int], fraction: float, fused: bool = False) -> int:
+    """A budget whose expert cache holds `fraction` of all experts (at least the minimum);
+    `fused`: the budget that holds them fused (fraction 1 only)."""
     if not 0 < fraction <= 1:
         raise MobileMoEError(f"expert fraction must be in (0, 1], got {fraction}")
+    if fused and fraction != 1:
+        raise MobileMoEError("fused experts need every expert resident: expert fraction 1")
+    experts = plan["fused"] if fused else fraction * plan["experts"] * plan["session"]
     # 2% of the fixed part on top: it is measured from RSS, and a load in another process
     # can measure a little more (fraction 1.0 must still hold every expert).
-    wanted = math.ceil(plan["fixed"] * 1.02 + fraction * plan["experts"] * plan["session"])
+    wanted = math.ceil(plan["fixed"] * 1.02 + experts)
     return max(wanted, plan["minimum"])
 
 
@@ -285,7 +290,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     notes = []
     if expert_fraction is not None:
         memory_budget = budget_for_fraction(
-            plan_in_subprocess(path, threads, context_length), expert_fraction)
+            plan_in_subprocess(path, threads, context_length), expert_fraction, fused_experts)
     budget = None if memory_budget is None else parse_bytes(memory_budget)
 
     load_before = _load_average()

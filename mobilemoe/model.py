@@ -240,12 +240,7 @@ class MoEModel:
         """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
         m, d, q = self.manifest, self.dims, self.manifest.quantization
         layers = [i for i, info in enumerate(self._layer_info) if info.moe]
-        # Per layer: the experts as their sessions would hold them (the same prepacked kernel
-        # layout) plus the float32 scales QMoE keeps; while a layer is built, its stacked
-        # weights on top.
-        weights, scales = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
-                                        q.expert_bits, q.block_size)
-        needed = len(layers) * (d.num_experts * max(self._held.values()) + scales) + weights
+        needed = self.fused_experts_bytes()
         if needed > capacity:
             raise MobileMoEError(
                 f"fused experts need every expert resident: {format_bytes(needed)} of experts, "
@@ -264,6 +259,18 @@ class MoEModel:
             release_freed_memory()  # the stacked weights, now repacked by ONNX Runtime
             self._sample_rss()
         return fused
+
+    def fused_experts_bytes(self) -> int:
+        """Memory for the experts when fused (`fused_experts`), on top of the fixed part.
+
+        Per layer: the experts as their sessions would hold them (the same prepacked kernel
+        layout) plus the float32 scales QMoE keeps; while a layer is built, its stacked
+        weights on top."""
+        d, q = self.dims, self.manifest.quantization
+        moe_layers = sum(info.moe for info in self._layer_info)
+        weights, scales = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
+                                        q.expert_bits, q.block_size)
+        return moe_layers * (d.num_experts * max(self._held.values()) + scales) + weights
 
     def _template_of(self, layer: int, expert: int) -> str:
         return self._store.entry(layer, expert).template

@@ -102,12 +102,15 @@ def test_fused_experts_refuse_widths_off_the_block(tmp_path):
 
 def test_bench_and_run_commands_take_fused_experts(package):
     runner = CliRunner()
-    result = runner.invoke(app, ["bench", str(package), "--fused-experts", "--prompt-tokens", "6",
-                                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
-                                 "--threads", "2", "--json"])
+    bench = ["bench", str(package), "--fused-experts", "--prompt-tokens", "6", "--new-tokens",
+             "3", "--repeats", "1", "--warmup", "0", "--threads", "2", "--json"]
+    result = runner.invoke(app, [*bench, "--expert-fraction", "1"])  # the budget fused needs
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["fused_experts"] and data["preloaded_experts"] == 0
     assert data["decode"]["tokens"] == 3 and data["decode"]["misses"] == 0
+    assert data["peak_rss"] - data["baseline_rss"] <= data["memory_budget"]
+    result = runner.invoke(app, [*bench, "--expert-fraction", "0.5"])
+    assert result.exit_code != 0 and "every expert resident" in result.output
     result = runner.invoke(app, ["run", str(package), "--fused-experts", "hello", "-n", "3"])
     assert result.exit_code == 0, result.output
