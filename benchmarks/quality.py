@@ -7,7 +7,8 @@ special tokens) and cut into `--windows` consecutive windows of 256 tokens (the 
 context); each window is one fresh forward pass. Reference: transformers
 `MixtralForCausalLM` in float32. Candidates: the checkpoint exported with int8 and with int4
 experts at block sizes 32, 64 and 128 (dense graphs int8 at the same block size, accuracy
-level 4 as `mobilemoe export` defaults), run by `model.logits`. Reported per domain:
+level 4 as `mobilemoe export` defaults), run by `model.logits`, and again with fused
+experts (`fused_experts=True`) where the widths allow it. Reported per domain:
 
     ppl        exp(mean next-token NLL) over the 255 predicted positions of each window
     top-1      share of positions where the argmax token equals float32's
@@ -105,11 +106,17 @@ def main() -> None:
                                        bits=bits, dense_bits=8, block_size=block,
                                        progress=False)
                 size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-                with mobilemoe.load(package, threads=args.threads, context_length=WINDOW) as m:
-                    result = {d: scores([m.logits(w) for w in ws], ws, reference[d])
-                              for d, ws in data.items()}
-                rows.append((f"mobilemoe int{bits} experts, int8 dense", f"{block}", result,
-                             size))
+                for fused in (False, True):
+                    try:
+                        m = mobilemoe.load(package, threads=args.threads, context_length=WINDOW,
+                                           fused_experts=fused)
+                    except mobilemoe.MobileMoEError:  # fused: widths off the block size
+                        continue
+                    with m:
+                        result = {d: scores([m.logits(w) for w in ws], ws, reference[d])
+                                  for d, ws in data.items()}
+                    rows.append((f"mobilemoe int{bits} experts, int8 dense"
+                                 + (", fused experts" if fused else ""), f"{block}", result, size))
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"threads {args.threads}; python {platform.python_version()}, "
           f"torch {torch.__version__}, mobilemoe {mobilemoe.__version__}")

@@ -54,8 +54,8 @@ def bench(
         show_default=False)] = None,
     fused_experts: Annotated[bool, typer.Option(
         "--fused-experts",
-        help="Each layer's experts in one QMoE kernel, all resident (lossy: float sums in "
-             "another order).")] = False,
+        help="Each layer's experts in one QMoE kernel, all resident (lossy: float32 "
+             "rounding differs from the default path).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Measure prefill and decode speed, expert paging and peak memory of a package."""

@@ -84,7 +84,7 @@ RoutingProfile = Annotated[Path | None, typer.Option(
 FusedExperts = Annotated[bool, typer.Option(
     "--fused-experts",
     help="Run each layer's experts in one QMoE kernel, all resident: faster decode; lossy "
-         "(float sums in another order).")]
+         "(float32 rounding differs from the default path).")]
 
 
 def _version(value: bool) -> None:
