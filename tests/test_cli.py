@@ -128,8 +128,10 @@ def test_run_passes_sampling_and_stop_options(runner, package):
 
 def test_run_under_a_paging_budget_as_a_process(package):
     info = json.loads(cli("inspect", str(package), "--json", "-c", "256").stdout)
-    # room for one expert beyond the top-2 a step needs: of 8 experts, most must be paged
-    budget = info["minimum_budget"] + info["bytes"]["expert_session"] + 200_000
+    # The smallest budget inspect names: the top-2 a step needs plus its margin (~2 experts).
+    # Another process measures its resident part within that margin (heap layout moves it by
+    # ~0.2 MB), so between 2 and ~6 of the 8 experts fit: most must be paged.
+    budget = info["minimum_budget"]
     done = cli("run", str(package), "The quick brown fox", "-n", "20", "-c", "256",
                "--threads", "1", "-m", str(budget), "--stats")
     assert done.returncode == 0, done.stderr
@@ -291,7 +293,7 @@ def test_the_named_smallest_budget_works(package):
 def test_every_cache_policy_pages_and_generates_the_same_text(runner, package, tmp_path):
     # Measured and run in fresh processes: RSS-measured sizes depend on the process's heap.
     info = json.loads(cli("inspect", str(package), "--json", "-c", "256").stdout)
-    budget = info["minimum_budget"] + info["bytes"]["expert_session"] + 200_000  # 3 of 8 experts
+    budget = info["minimum_budget"]  # 2 to ~6 of 8 experts (as in the test above)
     profile = write_routing_profile(tmp_path / "profile.json", [[4, 3, 2, 1], [1, 2, 3, 4]])
     texts = {}
     for policy in POLICY_NAMES:
