@@ -33,6 +33,9 @@ ROOT = HERE.parent
 MAIN_PY = ROOT / ".venv" / "bin" / "python"
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 CGROUP = Path("/sys/fs/cgroup/memory/mobilemoe-bench")
+# glibc marks its mmapped chunks MADV_HUGEPAGE: ONNX Runtime's prepacked copy of a paged-in
+# expert and the read buffer then fault in 2 MiB at a time
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 sys.path.insert(0, str(HERE))
 from compare import drop_page_cache  # noqa: E402
@@ -49,9 +52,10 @@ def limited(limit: int | None):
     return enter
 
 
-def run(cmd: list[str], limit: int | None) -> dict:
+def run(cmd: list[str], limit: int | None, env: dict | None = None) -> dict:
     drop_page_cache()
-    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited(limit))
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited(limit),
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         return {"error": (done.stderr.strip() or done.stdout.strip())[-2000:],
                 "returncode": done.returncode}
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--policy", default="lrfu")
     p.add_argument("--no-free-llama", action="store_true", help="skip run 3")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="run mobilemoe with glibc's malloc asking for transparent huge pages "
+                        f"({HUGE_PAGES})")
+    p.add_argument("--no-llama", action="store_true", help="mobilemoe only")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
     limit = parse_bytes(a.memory_limit)
@@ -81,11 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     print("mobilemoe ...", file=sys.stderr, flush=True)
     result["mobilemoe"] = run([str(MAIN_PY), "-m", "mobilemoe.cli.main", "bench", a.package,
                                "--memory-budget", a.budget, "--policy", a.policy, "--json",
-                               *common], limit)
-    print("llama.cpp in the cgroup ...", file=sys.stderr, flush=True)
+                               *common], limit,
+                               {"GLIBC_TUNABLES": HUGE_PAGES} if a.huge_pages else None)
     llama = [str(BENCH_PY), str(HERE / "llama_bench.py"), a.gguf, "--no-repack", *common]
-    result["llama_limited"] = run(llama, limit)
-    if not a.no_free_llama:
+    if not a.no_llama:
+        print("llama.cpp in the cgroup ...", file=sys.stderr, flush=True)
+        result["llama_limited"] = run(llama, limit)
+    if not a.no_free_llama and not a.no_llama:
         print("llama.cpp with the whole machine ...", file=sys.stderr, flush=True)
         result["llama_free"] = run(llama, None)
     text = json.dumps(result, indent=2)

@@ -4,6 +4,8 @@
     lfu     the least frequently used over the whole run goes; ties: the least recent
     lrfu    the lowest decayed frequency goes (LRFU): each use adds 1, halving every 32 steps
             (the default: DEFAULT_POLICY)
+    dlfu    the fewest uses in 32-step windows (halved per window) go; ties: the most recent
+            first, which keeps a stable set under near-uniform routes (DecayedLFUPolicy)
     pinned  a routing profile's hottest experts never go; lrfu chooses among the others
 
 Why not LRU alone: a forward step asks every layer in turn for its experts, so when the cache
@@ -31,10 +33,11 @@ from mobilemoe.expert_cache import EvictionPolicy, Key, LRUPolicy
 from mobilemoe.manifest import Manifest
 from mobilemoe.planner import ROUTING_PROFILE, read_routing_profile
 
-__all__ = ["LFUPolicy", "LRFUPolicy", "LRUPolicy", "POLICY_NAMES", "PinnedPolicy", "ScoredPolicy",
-           "check_policy_name", "policy_by_name", "policy_for_package"]
+__all__ = ["DecayedLFUPolicy", "LFUPolicy", "LRFUPolicy", "LRUPolicy", "POLICY_NAMES",
+           "PinnedPolicy", "ScoredPolicy", "check_policy_name", "policy_by_name",
+           "policy_for_package"]
 
-POLICY_NAMES = ("lru", "lfu", "lrfu", "pinned")
+POLICY_NAMES = ("lru", "lfu", "lrfu", "dlfu", "pinned")
 # The default since it was confirmed end to end (docs/PERFORMANCE.md): on the OLMoE shape at
 # 50 / 25 / 10% of the experts, decode hit rates 94 / 81 / 64% against LRU's 89 / 72 / 0%.
 DEFAULT_POLICY = "lrfu"
@@ -161,6 +164,39 @@ class LRFUPolicy(ScoredPolicy):
         return math.log2(crf) + now / self.half_life
 
 
+class DecayedLFUPolicy(ScoredPolicy):
+    """Fewest recent uses goes; among equals, the most recently used goes first.
+
+    A use counts 1 in the current window of `window` forward steps, and every count halves
+    at each window's end (a use w windows ago counts 2^-w), so the order follows a change of
+    topic as LRFU's does. Unlike LRFU's continuous decay, uses within a window weigh the same,
+    so experts with the same history tie, and ties go most recent first. That is what a
+    forward step wants when the cache holds fewer than one step's experts and the routes are
+    near uniform (a random-weight model, or Mixtral's 8 experts): the step asks layer 0, 1,
+    ... in turn, so the expert just used is the one asked for last. LRU, and LRFU between
+    experts used once, evict the other way round and never hit (0% on the Mixtral shape at an
+    8 GB budget); this keeps a stable set resident and turns the newcomers over.
+    """
+
+    def __init__(self, window: int = int(DEFAULT_HALF_LIFE)) -> None:
+        if window < 1:
+            raise MobileMoEError(f"the decayed LFU window must be at least 1 step, got {window}")
+        super().__init__()
+        self.window = window
+        self._count: dict[Key, float] = {}  # log2 of the count in units of the current window
+        self._clock = _StepClock()
+        self._recency = itertools.count()
+
+    def _used(self, key: Key) -> tuple[float, int]:
+        # Counts are kept as log2(sum of 2^(window index of each use)), growing with time
+        # instead of halving: the same order as halving them all, with no pass over the keys.
+        weight = float(self._clock.tick(key) // self.window)
+        old = self._count.get(key)
+        new = weight if old is None else max(old, weight) + math.log2(1 + 2.0 ** -abs(old - weight))
+        self._count[key] = new
+        return new, -next(self._recency)  # ties: the most recent use has the lowest entry
+
+
 class PinnedPolicy:
     """Never evict the `hot` keys (a routing profile's most used experts); `rest` chooses
     among the others.
@@ -236,6 +272,8 @@ def policy_by_name(name: str, profile: Sequence[Sequence[float]] | None = None,
         return LFUPolicy()
     if name == "lrfu":
         return LRFUPolicy()
+    if name == "dlfu":
+        return DecayedLFUPolicy()
     if profile is None or top_k is None:
         raise MobileMoEError("the pinned cache policy needs a routing profile "
                              "(--routing-profile FILE) and the model's top-k")

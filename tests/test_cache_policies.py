@@ -12,6 +12,7 @@ import pytest
 from mobilemoe import expert_cache
 from mobilemoe.cache_policies import (
     POLICY_NAMES,
+    DecayedLFUPolicy,
     LFUPolicy,
     LRFUPolicy,
     LRUPolicy,
@@ -107,7 +108,50 @@ def test_lrfu_counts_steps_not_accesses():
     assert lrfu._clock.step == 2
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "lrfu"])
+def test_dlfu_evicts_the_fewest_uses_and_among_equals_the_most_recent():
+    dlfu = DecayedLFUPolicy()
+    use(dlfu, "a", "a", "b", "c", "d")  # one step per use, all in the first window
+    assert [evict(dlfu), evict(dlfu), evict(dlfu), evict(dlfu)] == ["d", "c", "b", "a"]
+
+
+def test_dlfu_halves_counts_each_window():
+    dlfu = DecayedLFUPolicy(window=4)
+    resident: set = set()
+    use(dlfu, "old", "old", "old", resident=resident)  # steps 0-2: 3 uses in window 0
+    use(dlfu, *[f"x{i}" for i in range(9)], resident=resident)  # steps 3-11
+    use(dlfu, "new", "new", resident=resident)  # window 3: counts 2 there, "old" 3/8
+    keep = {f"x{i}" for i in range(9)}
+    assert dlfu.victim(keep) == "old"
+    with pytest.raises(MobileMoEError, match="window"):
+        DecayedLFUPolicy(window=0)
+
+
+def test_dlfu_keeps_a_stable_set_where_lru_and_lrfu_thrash():
+    """Near-uniform routes, a cache of fewer experts than a step asks for: every step asks
+    2 experts in each of 8 layers (16 keys) of a cache of 6. LRU evicts each key just before
+    the next step asks for it; decayed LFU turns over the newcomers and keeps the rest."""
+    steps = [[(layer, (step + layer) % 2) for layer in range(8)] for step in range(6)]
+    hits = {}
+    for name in ("lru", "lrfu", "dlfu"):
+        policy, cache, count = policy_by_name(name), set(), 0
+        for step in steps:
+            for layer in range(8):
+                for key in ((layer, 2), step[layer]):  # expert 2 every step, one other
+                    if key in cache:
+                        policy.touched(key)
+                        count += 1
+                        continue
+                    while len(cache) >= 6:
+                        victim = policy.victim(set())
+                        cache.discard(victim)
+                        policy.removed(victim)
+                    cache.add(key)
+                    policy.inserted(key)
+        hits[name] = count
+    assert hits["lru"] == 0 and hits["dlfu"] > hits["lrfu"]
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lrfu", "dlfu"])
 def test_keep_is_respected(name):
     policy = policy_by_name(name)
     use(policy, "a", "b", "c")
@@ -209,9 +253,10 @@ def test_belady_evicts_the_key_used_furthest_ahead():
 
 
 def test_the_factory_makes_each_policy_and_rejects_unknown_names():
-    assert POLICY_NAMES == ("lru", "lfu", "lrfu", "pinned")
+    assert POLICY_NAMES == ("lru", "lfu", "lrfu", "dlfu", "pinned")
     made = {name: type(policy_by_name(name, PROFILE, top_k=2)) for name in POLICY_NAMES}
-    assert made == {"lru": LRUPolicy, "lfu": LFUPolicy, "lrfu": LRFUPolicy, "pinned": PinnedPolicy}
+    assert made == {"lru": LRUPolicy, "lfu": LFUPolicy, "lrfu": LRFUPolicy,
+                    "dlfu": DecayedLFUPolicy, "pinned": PinnedPolicy}
     with pytest.raises(MobileMoEError, match=r"unknown cache policy 'fifo': choose one of lru, lfu"):
         policy_by_name("fifo")
     with pytest.raises(MobileMoEError, match="needs a routing profile"):
