@@ -93,7 +93,7 @@ class BenchResult:
     # same cores slow a benchmark down (ONNX Runtime's spinning thread pool especially)
     load_average: tuple[float, float] = (0.0, 0.0)
     notes: list[str] = field(default_factory=list)
-    policy: str = "LRFUPolicy"  # the expert cache's eviction policy (its class)
+    policy: str = "DecayedLFUPolicy"  # the expert cache's eviction policy (its class)
     fused_experts: bool = False  # each layer's experts ran as one QMoE kernel
 
     def as_dict(self) -> dict[str, Any]:
@@ -278,7 +278,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     temperature: 0 decodes greedily. A model with random weights decoded greedily soon
     repeats itself, and so do its routes, which flatters the expert cache; temperature 1
     samples nearly uniform tokens from such a model, so routes keep changing.
-    policy: the expert cache's eviction policy, as for `mobilemoe.load` (default LRFU).
+    policy: the expert cache's eviction policy, as for `mobilemoe.load` (default decayed LFU).
     fused_experts: as for `mobilemoe.load` (every expert resident, one QMoE kernel per layer).
     """
     if prompt_tokens < 1 or new_tokens < 0 or repeats < 1 or warmup < 0:

@@ -12,7 +12,7 @@ from mobilemoe.export import export_model
 
 import mobilemoe
 from mobilemoe import memory_plan
-from mobilemoe.cache_policies import LRFUPolicy
+from mobilemoe.cache_policies import DecayedLFUPolicy
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
 
@@ -105,13 +105,13 @@ def test_peak_rss_minus_baseline_stays_under_the_budget(tmp_path):
     assert run["max_rss"] - run["baseline"] <= budget, run
 
 
-def test_the_default_policy_is_lrfu_and_stays_lossless(package):
-    """LRFU is the default (docs/CACHE_POLICIES.md); under a budget that evicts it gives the
-    resident logits bit for bit, as every policy must."""
+def test_the_default_policy_is_decayed_lfu_and_stays_lossless(package):
+    """Decayed LFU is the default (docs/CACHE_POLICIES.md); under a budget that evicts it
+    gives the resident logits bit for bit, as every policy must."""
     resident = mobilemoe.load(package)
     expected = resident.logits(PROMPT)
     tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
-    assert isinstance(tight._cache.policy, LRFUPolicy)
+    assert isinstance(tight._cache.policy, DecayedLFUPolicy)
     assert np.array_equal(tight.logits(PROMPT), expected)
     assert tight.stats.evictions > 0
 

@@ -316,7 +316,7 @@ def test_bad_policy_or_routing_profile_is_one_line(runner, package, tmp_path, co
     wrong = write_routing_profile(tmp_path / "wrong.json", [[1, 2, 3, 4]] * 3)  # 3 layers, not 2
     good = write_routing_profile(tmp_path / "good.json", [[1, 2, 3, 4]] * 2)
     cases = [
-        (["--policy", "fifo"], "unknown cache policy 'fifo'", "lru, lfu, lrfu, pinned"),
+        (["--policy", "fifo"], "unknown cache policy 'fifo'", "lru, lfu, lrfu, dlfu, pinned"),
         (["--policy", "pinned"], "needs a routing profile", "--routing-profile"),
         (["--policy", "pinned", "--routing-profile", str(tmp_path / "nope.json")],
          "nope.json", "no such routing profile"),

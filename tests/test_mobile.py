@@ -339,6 +339,6 @@ def test_cli_mobile_missing_package(tmp_path):
 def test_app_manifest_carries_the_runtime_session_choices(app_manifest):
     """What an app must set to behave like the desktop runtime."""
     assert app_manifest["session"]["memory_pattern"] is False
-    assert app_manifest["cache_policy"] == "lrfu"
+    assert app_manifest["cache_policy"] == "dlfu"
     assert all(t["graph_optimization"] == "disable_all"
                for t in app_manifest["expert_templates"].values())
