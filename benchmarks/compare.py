@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilemoe.cache_policies import DEFAULT_POLICY
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MAIN_PY = ROOT / ".venv" / "bin" / "python"
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="mobilemoe's decoding (llama.cpp always decodes greedily)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    p.add_argument("--policy", default="lrfu", help="mobilemoe's expert cache policy")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="mobilemoe's expert cache policy")
     p.add_argument("--fused-experts", action="store_true",
                    help="fully resident mobilemoe runs with --fused-experts (one QMoE per layer)")
     p.add_argument("--rounds", type=int, default=0,

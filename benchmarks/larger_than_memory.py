@@ -40,6 +40,7 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 sys.path.insert(0, str(HERE))
 from compare import drop_page_cache  # noqa: E402
 
+from mobilemoe.cache_policies import DEFAULT_POLICY  # noqa: E402
 from mobilemoe.units import parse_bytes  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=4)
-    p.add_argument("--policy", default="lrfu")
+    p.add_argument("--policy", default=DEFAULT_POLICY)
     p.add_argument("--no-free-llama", action="store_true", help="skip run 3")
     p.add_argument("--huge-pages", action="store_true",
                    help="run mobilemoe with glibc's malloc asking for transparent huge pages "
