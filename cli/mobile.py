@@ -127,7 +127,7 @@ def print_plan(p: Plan) -> None:
         print_rows(rows, title="plan")
         return
     rows += [
-        ("hit rate", f"{p.hit_rate:.1%} ({p.routing} routing, LRU)"),
+        ("hit rate", f"{p.hit_rate:.1%} ({p.routing} routing, policy {p.policy})"),
         ("per token", f"compute {p.compute_ms:.1f} ms, read {p.read_ms:.1f} ms, "
                       f"page-in {p.page_in_ms:.1f} ms "
                       f"({format_bytes(p.miss_bytes_per_token)} missed)"),

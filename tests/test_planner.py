@@ -22,11 +22,13 @@ from typer.testing import CliRunner
 
 import mobilemoe
 from mobilemoe.bench import plan_in_subprocess
+from mobilemoe.cache_policies import DecayedLFUPolicy
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.manifest import Manifest
 from mobilemoe.planner import (
     Device,
     ProfilingLRU,
+    frequency_hit_rate,
     lru_hit_rate,
     parse_rate,
     plan,
@@ -134,6 +136,57 @@ def test_hit_rate_model_matches_a_simulated_lru(skew, capacity):
     simulated, counts = simulate_lru(capacity, rows, k, tokens=3000)
     predicted = lru_hit_rate(capacity, request_probabilities(k, counts))
     assert predicted == pytest.approx(simulated, abs=0.06)
+
+
+def simulate_policy(policy, capacity: int, weights: list[list[float]], k: int, tokens: int,
+                    seed: int = 0) -> tuple[float, list[list[float]]]:
+    """As `simulate_lru`, through one of the runtime's policy objects (no `keep`, as the
+    runtime asks its cached experts first)."""
+    rng = np.random.default_rng(seed)
+    cache: set = set()
+    hits = requests = 0
+    counts = [[0] * len(row) for row in weights]
+    for t in range(tokens):
+        for layer, row in enumerate(weights):
+            p = np.asarray(row) / sum(row)
+            keys = sorted((layer, int(e)) for e in rng.choice(len(row), size=k, replace=False, p=p))
+            for key in sorted(keys, key=lambda key: key not in cache):  # cached ones first
+                counts[layer][key[1]] += 1
+                if t >= tokens // 5:
+                    requests += 1
+                    hits += key in cache
+                if key in cache:
+                    policy.touched(key)
+                    continue
+                while len(cache) >= capacity:
+                    victim = policy.victim(set())
+                    cache.discard(victim)
+                    policy.removed(victim)
+                cache.add(key)
+                policy.inserted(key)
+    return hits / requests, counts
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0])
+@pytest.mark.parametrize("capacity", [6, 16, 28])
+def test_frequency_hit_rate_model_matches_a_simulated_decayed_lfu(skew, capacity):
+    layers, experts, k = 4, 12, 2
+    rows = [[1.0 / (e + 1) ** skew for e in random.Random(layer).sample(range(experts), experts)]
+            for layer in range(layers)]
+    simulated, counts = simulate_policy(DecayedLFUPolicy(), capacity, rows, k, tokens=3000)
+    predicted = frequency_hit_rate(capacity, k, request_probabilities(k, counts))
+    assert predicted == pytest.approx(simulated, abs=0.06)
+
+
+def test_plans_predict_the_policy_they_are_asked_for(package):
+    # below one step's working set LRU never hits; the frequency policies keep a share
+    device = Device(ram=16 * GB)
+    budget = plan(package, Device(ram=GB)).minimum_budget
+    default, lru = plan(package, device, budget=budget), plan(package, device, budget=budget,
+                                                              policy="lru")
+    assert default.policy == "dlfu" and lru.policy == "lru"
+    assert lru.hit_rate < 0.01 < default.hit_rate
+    assert default.tokens_per_second > lru.tokens_per_second
 
 
 # -- plans of a real package ------------------------------------------------------------------
