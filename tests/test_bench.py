@@ -151,3 +151,22 @@ def test_gguf_writer_shapes(tmp_path):
     exps = tensors["blk.0.ffn_gate_exps.weight"]
     assert exps.tensor_type.name == "Q4_0" and [int(n) for n in exps.shape] == [256, 128, 8]
     assert tensors["output.weight"].tensor_type.name == "Q8_0"
+
+
+def test_prefetch_accuracy_guesses_the_next_layer_from_the_trained_demo_model():
+    import importlib.resources
+
+    import torch
+    from prefetch_accuracy import recalls
+    from quality import windows
+    from transformers import AutoModelForCausalLM
+
+    with importlib.resources.as_file(importlib.resources.files("mobilemoe") / "demo_model") as ckpt:
+        ids = windows(ckpt, 1)["prose"][0][:96]
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    r = recalls(model, ids)
+    layers = model.config.num_hidden_layers
+    assert set(r) == {"late", "early"} and r["late"].shape == (layers - 1, 96, 2)
+    assert ((r["late"] >= 0) & (r["late"] <= 1)).all()
+    # far better than guessing (k / E = 25%), and top-2k finds more than top-k
+    assert r["late"][..., 0].mean() > 0.5 and (r["late"][..., 1] >= r["late"][..., 0]).all()
