@@ -9,7 +9,6 @@ import random
 import shutil
 import subprocess
 import sys
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,13 +21,13 @@ from typer.testing import CliRunner
 
 import mobilemoe
 from mobilemoe.bench import plan_in_subprocess
-from mobilemoe.cache_policies import DecayedLFUPolicy
+from mobilemoe.cache_policies import policy_by_name
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.manifest import Manifest
 from mobilemoe.planner import (
     Device,
     ProfilingLRU,
-    frequency_hit_rate,
+    hit_rate,
     lru_hit_rate,
     parse_rate,
     plan,
@@ -90,7 +89,8 @@ def test_a_cache_smaller_than_the_other_layers_picks_never_hits():
     layers, experts, k = 8, 8, 2
     p = request_probabilities(k, [[1.0] * experts] * layers)
     assert lru_hit_rate((layers - 1) * k - 2, p) < 0.01
-    assert simulate_lru((layers - 1) * k, [[1.0] * experts] * layers, k, tokens=500)[0] == 0.0
+    assert simulate_policy(policy_by_name("lru"), (layers - 1) * k, [[1.0] * experts] * layers, k,
+                           tokens=500)[0] == 0.0
 
 
 def test_hit_rate_edges():
@@ -100,48 +100,12 @@ def test_hit_rate_edges():
     assert request_probabilities(2, [[10.0, 0.0, 0.0, 1.0]]) == [[1.0, 0.0, 0.0, pytest.approx(2 / 11)]]
 
 
-def simulate_lru(capacity: int, weights: list[list[float]], k: int, tokens: int, seed: int = 0
-                 ) -> tuple[float, list[list[float]]]:
-    """The runtime's decode access pattern: per token, per layer in order, k distinct experts
-    drawn by `weights`; one global LRU. Returns the hit rate after warm-up and the observed
-    per-layer frequencies (what a routing profile records)."""
-    rng = np.random.default_rng(seed)
-    cache: OrderedDict = OrderedDict()
-    hits = requests = 0
-    counts = [[0] * len(row) for row in weights]
-    for t in range(tokens):
-        for layer, row in enumerate(weights):
-            p = np.asarray(row) / sum(row)
-            for e in rng.choice(len(row), size=k, replace=False, p=p):
-                key = (layer, int(e))
-                counts[layer][int(e)] += 1
-                if t >= tokens // 5:
-                    requests += 1
-                    hits += key in cache
-                if key in cache:
-                    cache.move_to_end(key)
-                else:
-                    if len(cache) >= capacity:
-                        cache.popitem(last=False)
-                    cache[key] = None
-    return hits / requests, counts
-
-
-@pytest.mark.parametrize("skew", [0.0, 1.0])
-@pytest.mark.parametrize("capacity", [6, 16, 28])
-def test_hit_rate_model_matches_a_simulated_lru(skew, capacity):
-    layers, experts, k = 4, 12, 2
-    rows = [[1.0 / (e + 1) ** skew for e in random.Random(layer).sample(range(experts), experts)]
-            for layer in range(layers)]
-    simulated, counts = simulate_lru(capacity, rows, k, tokens=3000)
-    predicted = lru_hit_rate(capacity, request_probabilities(k, counts))
-    assert predicted == pytest.approx(simulated, abs=0.06)
-
-
 def simulate_policy(policy, capacity: int, weights: list[list[float]], k: int, tokens: int,
                     seed: int = 0) -> tuple[float, list[list[float]]]:
-    """As `simulate_lru`, through one of the runtime's policy objects (no `keep`, as the
-    runtime asks its cached experts first)."""
+    """The runtime's decode access pattern through one of its policy objects: per token, per
+    layer in order, k distinct experts drawn by `weights`, the cached ones asked first (so no
+    `keep`, as the runtime). Returns the hit rate after warm-up and the observed per-layer
+    frequencies (what a routing profile records)."""
     rng = np.random.default_rng(seed)
     cache: set = set()
     hits = requests = 0
@@ -167,14 +131,15 @@ def simulate_policy(policy, capacity: int, weights: list[list[float]], k: int, t
     return hits / requests, counts
 
 
+@pytest.mark.parametrize("policy", ["lru", "dlfu"])
 @pytest.mark.parametrize("skew", [0.0, 1.0])
 @pytest.mark.parametrize("capacity", [6, 16, 28])
-def test_frequency_hit_rate_model_matches_a_simulated_decayed_lfu(skew, capacity):
+def test_hit_rate_model_matches_the_simulated_policy(policy, skew, capacity):
     layers, experts, k = 4, 12, 2
     rows = [[1.0 / (e + 1) ** skew for e in random.Random(layer).sample(range(experts), experts)]
             for layer in range(layers)]
-    simulated, counts = simulate_policy(DecayedLFUPolicy(), capacity, rows, k, tokens=3000)
-    predicted = frequency_hit_rate(capacity, k, request_probabilities(k, counts))
+    simulated, counts = simulate_policy(policy_by_name(policy), capacity, rows, k, tokens=3000)
+    predicted = hit_rate(policy, capacity, k, request_probabilities(k, counts))
     assert predicted == pytest.approx(simulated, abs=0.06)
 
 
