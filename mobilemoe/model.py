@@ -240,17 +240,17 @@ class MoEModel:
         """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
         m, d, q = self.manifest, self.dims, self.manifest.quantization
         layers = [i for i, info in enumerate(self._layer_info) if info.moe]
+        if not all(fusable(t) for t in m.templates.values()) or \
+                d.hidden_size % q.block_size or d.intermediate_size % q.block_size:
+            raise MobileMoEError(f"fused experts need unbiased SiLU experts whose widths are "
+                                 f"multiples of the block size; {m.model_type} at block "
+                                 f"{q.block_size} has not: drop --fused-experts")
         needed = self.fused_experts_bytes()
         if needed > capacity:
             raise MobileMoEError(
                 f"fused experts need every expert resident: {format_bytes(needed)} of experts, "
                 f"but the budget leaves {format_bytes(capacity)}; raise --memory-budget or "
                 "drop --fused-experts")
-        if not all(fusable(t) for t in m.templates.values()) or \
-                d.hidden_size % q.block_size or d.intermediate_size % q.block_size:
-            raise MobileMoEError(f"fused experts need unbiased SiLU experts whose widths are "
-                                 f"multiples of the block size; {m.model_type} at block "
-                                 f"{q.block_size} has not: drop --fused-experts")
         fused = {}
         for layer in layers:
             fused[layer] = FusedLayerExperts(
