@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import onnxruntime as ort
 from mobilemoe import __version__
 from mobilemoe.bundle import BUNDLE_FORMAT, BUNDLE_MANIFEST, BUNDLE_VERSION
 from mobilemoe.cache_policies import DEFAULT_POLICY
+from mobilemoe.checksum import crc32
 from mobilemoe.errors import ExportError, PackageError
 from mobilemoe.manifest import MANIFEST_FILE, Manifest, resolve_inside
 from mobilemoe.planner import BUDGET_RULE, Device, plan, plan_table
@@ -244,7 +244,7 @@ def _relayout_store(package: Path, manifest: Manifest, raw: dict, tmp: Path) -> 
     with open(source, "rb") as fin, open(target, "wb") as fout:
         for e in sorted(entries, key=lambda e: e["offset"]):
             block = os.pread(fin.fileno(), e["length"], e["offset"])
-            if len(block) != e["length"] or zlib.crc32(block) != e["crc32"]:
+            if len(block) != e["length"] or crc32(block) != e["crc32"]:
                 raise PackageError(f"{source.name}: expert {e['layer']}/{e['expert']} is "
                                    "truncated or corrupt (re-export the package)")
             offset = -(-fout.tell() // BUNDLE_ALIGNMENT) * BUNDLE_ALIGNMENT

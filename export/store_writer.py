@@ -7,11 +7,11 @@ the arrays are views into that one buffer.
 
 from __future__ import annotations
 
-import zlib
 from typing import BinaryIO
 
 import numpy as np
 
+from mobilemoe.checksum import crc32
 from mobilemoe.manifest import ExpertEntry, TensorSlot
 
 TENSOR_ALIGNMENT = 64  # SIMD-friendly start for every tensor inside a block
@@ -49,4 +49,4 @@ class ExpertStoreWriter:
         self._f.write(block)
         self.entries.append(ExpertEntry(layer=layer, expert=expert, template=template,
                                         offset=offset, length=block_bytes,
-                                        crc32=zlib.crc32(block)))
+                                        crc32=crc32(block)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from mobilemoe.checksum import crc32
 from mobilemoe.errors import PackageError
 from mobilemoe.manifest import ExpertEntry, ExpertTemplate, Manifest, resolve_inside
 
@@ -39,9 +39,9 @@ class ExpertStore:
         return block
 
     def check(self, layer: int, expert: int, block: np.ndarray) -> None:
-        """Raise if the block does not match its crc32 (zlib releases the GIL while it
+        """Raise if the block does not match its crc32 (which releases the GIL while it
         computes, so this can run on another thread)."""
-        if zlib.crc32(block) != self._entries[(layer, expert)].crc32:
+        if crc32(block) != self._entries[(layer, expert)].crc32:
             raise PackageError(f"{self._path.name}: checksum mismatch at expert {layer}/{expert}; "
                                "the file is corrupt (re-export the package)")
 

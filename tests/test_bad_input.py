@@ -167,6 +167,19 @@ def test_expert_store_with_extra_bytes(pkg):
         mobilemoe.load(pkg)
 
 
+def test_the_fast_crc32_is_zlibs():
+    """Packages record zlib's CRC-32; the runtime checks with zlib-ng's where installed."""
+    import zlib
+
+    from mobilemoe import checksum
+
+    assert checksum.crc32.__module__ == "zlib_ng.zlib_ng"  # a dependency: installed here
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 63, 4096, 1 << 20, (1 << 20) + 7):
+        block = rng.integers(0, 256, size, dtype=np.uint8)
+        assert checksum.crc32(block) == zlib.crc32(block)
+
+
 def test_corrupt_byte_in_every_layer0_expert(pkg):
     """Same size, so only the per-expert crc32 can notice; every forward pass pages layer-0
     experts in, so whether the runtime checks at load (calibration) or at page-in, it must
