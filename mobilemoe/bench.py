@@ -244,7 +244,9 @@ def budget_for_fraction(plan: dict[str, int], fraction: float, fused: bool = Fal
         raise MobileMoEError(f"expert fraction must be in (0, 1], got {fraction}")
     if fused and fraction != 1:
         raise MobileMoEError("fused experts need every expert resident: expert fraction 1")
-    experts = plan["fused"] if fused else fraction * plan["experts"] * plan["session"]
+    # Fused, the load itself checks that every expert fits, by its own measurement of an
+    # expert's size: 2% on top, as another process can measure a little more.
+    experts = plan["fused"] * 1.02 if fused else fraction * plan["experts"] * plan["session"]
     # 2% of the fixed part on top: it is measured from RSS, and a load in another process
     # can measure a little more (fraction 1.0 must still hold every expert).
     wanted = math.ceil(plan["fixed"] * 1.02 + experts)

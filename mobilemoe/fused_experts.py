@@ -75,10 +75,10 @@ class FusedLayerExperts:
         arrays = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": fc2_scales}
         so.add_external_initializers(list(arrays),
                                      [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+        # ONNX Runtime copies external initializers (checked: overwriting them after this
+        # changes nothing), so the stacked arrays go when this returns; it keeps the weights
+        # repacked and its own copy of the scales.
         self._session = create_session(model, so)
-        # ONNX Runtime does not copy external initializers. The weights are repacked into its
-        # own buffers (so they may go), the scales may be read at run time: they stay.
-        self._scales = (fc1_scales, fc2_scales)
 
     def __call__(self, x: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """x [T, H], experts and weights [T, k] (the runtime's routing) -> sum of weighted

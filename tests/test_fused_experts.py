@@ -57,8 +57,10 @@ def test_each_expert_inside_qmoe_matches_its_own_session(package):
                               d.intermediate_size, model.manifest.quantization.expert_bits,
                               32, model.manifest.quantization.accuracy_level)
     q = model.manifest.quantization
-    assert sum(a.nbytes for a in fused._scales) == stacked_bytes(
-        d.hidden_size, d.intermediate_size, d.num_experts, q.expert_bits, 32)[1]
+    weights, scales = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
+                                    q.expert_bits, 32)
+    store_bytes = sum(e.length for e in model.manifest.experts if e.layer == 1)
+    assert weights + scales == store_bytes  # what the store holds for a layer, restacked
     x = np.random.default_rng(0).standard_normal((3, d.hidden_size), dtype=np.float32)
     for expert in range(d.num_experts):
         other = (expert + 1) % d.num_experts  # QMoE takes exactly k: the second weighs 0
