@@ -324,6 +324,9 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
                 decode.append(d)
         if any(d[0] < new_tokens for d in decode):
             notes.append("generation stopped early (end-of-sequence token) in some repeats")
+        if preloaded == len(model.manifest.experts) and model.can_fuse_experts():
+            notes.append("every expert was resident: --fused-experts runs each layer's experts "
+                         "as one kernel (faster; lossy in float32 rounding)")
         pre = _phase(prefill, probe)
         dec = _phase(decode, probe) if new_tokens else None
         totals = probe.snapshot()

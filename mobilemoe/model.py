@@ -240,8 +240,7 @@ class MoEModel:
         """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
         m, d, q = self.manifest, self.dims, self.manifest.quantization
         layers = [i for i, info in enumerate(self._layer_info) if info.moe]
-        if not all(fusable(t) for t in m.templates.values()) or \
-                d.hidden_size % q.block_size or d.intermediate_size % q.block_size:
+        if not self.can_fuse_experts():
             raise MobileMoEError(f"fused experts need unbiased SiLU experts whose widths are "
                                  f"multiples of the block size; {m.model_type} at block "
                                  f"{q.block_size} has not: drop --fused-experts")
@@ -259,6 +258,12 @@ class MoEModel:
             release_freed_memory()  # the stacked weights, now repacked by ONNX Runtime
             self._sample_rss()
         return fused
+
+    def can_fuse_experts(self) -> bool:
+        """Whether this package's experts can run fused (`fused_experts`), budget aside."""
+        d, q = self.dims, self.manifest.quantization
+        return (all(fusable(t) for t in self.manifest.templates.values())
+                and not d.hidden_size % q.block_size and not d.intermediate_size % q.block_size)
 
     def fused_experts_bytes(self) -> int:
         """Memory for the experts when fused (`fused_experts`), on top of the fixed part.

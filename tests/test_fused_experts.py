@@ -114,6 +114,11 @@ def test_bench_and_run_commands_take_fused_experts(package):
     assert data["fused_experts"] and data["preloaded_experts"] == 0
     assert data["decode"]["tokens"] == 3 and data["decode"]["misses"] == 0
     assert data["peak_rss"] - data["baseline_rss"] <= data["memory_budget"]
+    assert not any("--fused-experts" in note for note in data["notes"])
+    unfused = [arg for arg in bench if arg != "--fused-experts"]
+    result = runner.invoke(app, [*unfused, "--expert-fraction", "1"])  # all resident: a hint
+    assert result.exit_code == 0, result.output
+    assert any("--fused-experts" in note for note in json.loads(result.output)["notes"])
     result = runner.invoke(app, [*bench, "--expert-fraction", "0.5"])
     assert result.exit_code != 0 and "every expert resident" in result.output
     result = runner.invoke(app, ["run", str(package), "--fused-experts", "hello", "-n", "3"])
