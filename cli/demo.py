@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.resources
+import importlib.util
 import os
 import sys
 import time
@@ -58,8 +59,14 @@ def _say(text: str) -> None:
 
 
 def _fingerprint(checkpoint: Path) -> str:
-    """What the package was made from: config, weight file names and sizes, export settings."""
+    """What the package was made from: config, weight file names and sizes, export settings,
+    and the exporter's own code (a package from another exporter may lack what this runtime
+    asks of its graphs, with the same format version)."""
     h = hashlib.sha256(repr(sorted(EXPORT_SETTINGS.items())).encode())
+    exporter = importlib.util.find_spec("mobilemoe.export")
+    for folder in (exporter.submodule_search_locations or []) if exporter else []:
+        for path in sorted(Path(folder).rglob("*.py")):
+            h.update(path.read_bytes())
     for path in sorted(checkpoint.iterdir()):
         if path.suffix == ".json" or path.name.startswith("tokenizer"):
             h.update(path.name.encode() + path.read_bytes())

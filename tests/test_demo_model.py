@@ -46,6 +46,33 @@ def test_demo_package_is_cached_and_context_is_the_trained_one(package, cache):
     assert demo_context(256) == 256 and demo_context(4096) == 512
 
 
+def test_a_demo_package_from_another_exporter_is_exported_again(tmp_path, monkeypatch):
+    """The cached package's fingerprint covers the exporter's code: a package an older exporter
+    wrote (same format version, graphs this runtime no longer takes) is replaced."""
+    import importlib.util
+
+    from mobilemoe.cli import demo
+
+    first = demo_package(tmp_path / "demo", say=lambda text: None)
+    source = first.parent / f".{first.name}.source"
+    stamp = source.stat().st_mtime_ns
+    real = importlib.util.find_spec("mobilemoe.export")
+    changed = tmp_path / "exporter"
+    changed.mkdir()
+    for path in sorted(Path(real.submodule_search_locations[0]).rglob("*.py")):
+        target = changed / path.relative_to(real.submodule_search_locations[0])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (changed / "graphs.py").write_text((changed / "graphs.py").read_text() + "\n# changed\n")
+    spec = importlib.util.spec_from_file_location("mobilemoe.export", changed / "__init__.py",
+                                                  submodule_search_locations=[str(changed)])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "mobilemoe.export" else find_spec(name, *a))
+    assert demo_package(tmp_path / "demo", say=lambda text: None) == first
+    assert source.stat().st_mtime_ns != stamp  # exported again
+
+
 def test_run_without_a_package_uses_the_demo_model(runner):
     result = runner.invoke(app, ["run", "In the beginning", "-n", "8", "-t", "0"])
     assert result.exit_code == 0, result.output
