@@ -23,11 +23,10 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-import onnxruntime as ort
 
 from mobilemoe.expert_store import ExpertStore
 from mobilemoe.manifest import ExpertTemplate
-from mobilemoe.ort_sessions import create_session, session_options
+from mobilemoe.ort_sessions import create_session_with_weights
 
 # The expert template's tensors, as laid out in the store (export/model_graphs.py).
 GATE_UP, GATE_UP_SCALES = "gate_up.qweight", "gate_up.scales"
@@ -71,14 +70,11 @@ class FusedLayerExperts:
         model = qmoe_model(h, num_experts, top_k, bits, block_size, accuracy_level,
                            {"fc1": fc1.shape, "fc1_scales": fc1_scales.shape,
                             "fc2": fc2.shape, "fc2_scales": fc2_scales.shape})
-        so = session_options()
-        arrays = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": fc2_scales}
-        so.add_external_initializers(list(arrays),
-                                     [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
         # ONNX Runtime copies external initializers (checked: overwriting them after this
         # changes nothing), so the stacked arrays go when this returns; it keeps the weights
         # repacked and its own copy of the scales.
-        self._session = create_session(model, so)
+        self._session = create_session_with_weights(
+            model, ["fc1", "fc1_scales", "fc2", "fc2_scales"], [fc1, fc1_scales, fc2, fc2_scales])
 
     def __call__(self, x: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """x [T, H], experts and weights [T, k] (the runtime's routing) -> sum of weighted
