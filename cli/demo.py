@@ -155,10 +155,10 @@ def _paging_budget(package: Path, threads: int | None, context_length: int) -> i
     """
     for _ in range(2):
         with mobilemoe.load(package, threads=threads, context_length=context_length) as model:
-            plan, dims = model.plan, model.dims
+            plan, experts_total = model.plan, model.manifest.experts_total
         del model
         gc.collect()
-    others = dims.num_layers * dims.num_experts - plan.top_k
+    others = experts_total - plan.top_k
     return plan.minimum_budget + others * plan.expert_session_bytes // 3
 
 
@@ -208,11 +208,11 @@ def run_demo(out: Path, memory_budget: str | None = None, prompt: str = "Once up
         budget, how = parse_bytes(memory_budget), "--memory-budget"
     model = mobilemoe.load(package, memory_budget=budget, threads=threads,
                            context_length=context)
-    plan, total = model.plan, d.num_layers * d.num_experts
+    plan, total = model.plan, model.manifest.experts_total
     fits = min(total, model.stats.expert_cache_capacity // plan.expert_session_bytes)
     _say(f"budget {megabytes(budget)} ({how}); minimum {megabytes(plan.minimum_budget)}")
     _say(f"expert cache: {megabytes(model.stats.expert_cache_capacity)} = {fits} of {total} "
-         f"experts ({d.num_layers} layers x {d.num_experts}, top-{d.top_k}, "
+         f"experts ({len(manifest.moe_layers)} MoE layers x {d.num_experts}, top-{d.top_k}, "
          f"{megabytes(plan.expert_session_bytes)} each in memory)")
 
     _step(4, f"generate {max_tokens} tokens")

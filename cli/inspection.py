@@ -23,7 +23,7 @@ def inspect_model(package: str, memory_budget: str | None = None, threads: int |
                         context_length=context_length) as model:
         m, plan = model.manifest, model.plan
     d, q = m.dims, m.quantization
-    total_experts = d.num_layers * d.num_experts
+    total_experts = m.experts_total
     experts_part = plan.top_k * plan.expert_session_bytes
     # whatever the plan adds on top of the measured parts (headroom for measurement noise)
     margin = plan.minimum_budget - plan.fixed_bytes - experts_part

@@ -6,7 +6,7 @@
     dlfu    the fewest uses in 32-step windows (halved per window) go; ties: the most recent
             first, which keeps a stable set under near-uniform routes (DecayedLFUPolicy; the
             default: DEFAULT_POLICY)
-    pinned  a routing profile's hottest experts never go; lrfu chooses among the others
+    pinned  a routing profile's hottest experts never go; dlfu chooses among the others
 
 Why not LRU alone: a forward step asks every layer in turn for its experts, so when the cache
 holds fewer than one step's L * k experts, LRU evicts exactly what the next step asks for
@@ -214,7 +214,7 @@ class PinnedPolicy:
             raise MobileMoEError(f"the pinned policy's reserve must be at least 1, got {reserve}")
         self.hot = list(hot)  # hottest first
         self.reserve = reserve
-        self.rest = rest if rest is not None else LRFUPolicy()
+        self.rest = rest if rest is not None else DecayedLFUPolicy()
         self.pinned: frozenset | None = None if capacity is None else self._pin(capacity)
         self._resident: set[Key] = set()
 
@@ -299,5 +299,6 @@ def policy_for_package(name: str, package: str | Path,
             raise MobileMoEError("the pinned cache policy needs a routing profile: give "
                                  "--routing-profile FILE (the package has no routing_profile.json)")
     d = manifest.dims
-    counts = read_routing_profile(Path(routing_profile).expanduser(), d.num_layers, d.num_experts)
+    counts = read_routing_profile(Path(routing_profile).expanduser(), d.num_layers, d.num_experts,
+                                  manifest.moe_layers)
     return policy_by_name("pinned", counts, manifest.routing.top_k)

@@ -184,6 +184,16 @@ class Manifest:
         _check_files(package, manifest)
         return manifest
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers with routed experts (DeepSeek's first layers and Qwen2-MoE's
+        mlp_only_layers are dense)."""
+        return [i for i in range(self.dims.num_layers) if not self.layers or self.layers[i].moe]
+
+    @property
+    def experts_total(self) -> int:
+        return len(self.moe_layers) * self.dims.num_experts
+
     def expert_bytes(self) -> int:
         return sum(e.length for e in self.experts)
 
@@ -326,7 +336,7 @@ def _check_consistency(m: Manifest) -> None:
         raise PackageError("manifest: bad group routing settings")
     if m.store_alignment <= 0:
         raise PackageError("manifest: store_alignment must be positive")
-    moe_layers = {i for i in range(d.num_layers) if not m.layers or m.layers[i].moe}
+    moe_layers = set(m.moe_layers)
     seen = set()
     for e in m.experts:
         key = (e.layer, e.expert)

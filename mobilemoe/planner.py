@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ class PackageFigures:
     """The sizes a plan needs, read from a package's manifest."""
 
     num_layers: int
+    moe_layers: tuple[int, ...]  # the layers with experts (others are dense)
     num_experts: int
     top_k: int
     expert_block_bytes: int  # one expert on disk (the largest template's block)
@@ -102,7 +103,7 @@ class PackageFigures:
 
     @property
     def experts_total(self) -> int:
-        return self.num_layers * self.num_experts
+        return len(self.moe_layers) * self.num_experts
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def package_figures(manifest: Manifest, context_length: int | None = None) -> Pa
     block = max(t.block_bytes for t in manifest.templates.values())
     bits = max(t.bits for t in manifest.templates.values())
     return PackageFigures(
-        num_layers=d.num_layers, num_experts=d.num_experts, top_k=manifest.routing.top_k,
+        num_layers=d.num_layers, moe_layers=tuple(manifest.moe_layers), num_experts=d.num_experts,
+        top_k=manifest.routing.top_k,
         expert_block_bytes=block, expert_bits=bits, dense_graph_bytes=manifest.dense_bytes(),
         layer_graph_bytes=sum(g.size for g in manifest.layer_graphs),
         head_graph_bytes=manifest.head_graph.size,
@@ -180,12 +182,16 @@ def package_figures(manifest: Manifest, context_length: int | None = None) -> Pa
 # -- routing profiles -------------------------------------------------------------------------
 
 
-def read_routing_profile(path: Path, num_layers: int, num_experts: int) -> list[list[float]]:
+def read_routing_profile(path: Path, num_layers: int, num_experts: int,
+                         moe_layers: Collection[int] | None = None) -> list[list[float]]:
     """Per-layer expert frequencies from a routing profile (docs/MOBILE.md):
 
         {"format": "mobilemoe-routing-profile", "format_version": 1,
          "tokens": 4096, "source": "...",            (optional)
          "layers": [[count or frequency per expert] per layer]}
+
+    Every layer has a row; a dense layer's (not in `moe_layers`, default: all layers have
+    experts) is all zero, as `ProfilingLRU` records it, and a MoE layer's is not.
     """
     try:
         data = json.loads(Path(path).read_text())
@@ -198,12 +204,16 @@ def read_routing_profile(path: Path, num_layers: int, num_experts: int) -> list[
     layers = data.get("layers")
     if not isinstance(layers, list) or len(layers) != num_layers:
         raise PackageError(f"{path}: 'layers' must list {num_layers} layers")
+    moe = set(range(num_layers) if moe_layers is None else moe_layers)
     for i, row in enumerate(layers):
         ok = isinstance(row, list) and len(row) == num_experts and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in row)
-        if not ok or sum(row) <= 0:
+        if not ok or (i in moe and sum(row) <= 0):
             raise PackageError(f"{path}: layer {i} must list {num_experts} non-negative "
                                "frequencies, not all zero")
+        if i not in moe and sum(row) > 0:
+            raise PackageError(f"{path}: layer {i} is dense (no experts) but its row is not "
+                               "all zero")
     return [[float(v) for v in row] for row in layers]
 
 
@@ -378,10 +388,12 @@ def plan(package: str | Path | Manifest, device: Device, budget: int | str | Non
     if profile is None and folder is not None and (folder / ROUTING_PROFILE).is_file():
         profile = folder / ROUTING_PROFILE
     if profile is not None:
-        frequencies = read_routing_profile(Path(profile), f.num_layers, f.num_experts)
+        per_layer = read_routing_profile(Path(profile), f.num_layers, f.num_experts,
+                                         f.moe_layers)
+        frequencies = [per_layer[i] for i in f.moe_layers]
         routing = str(profile)
     else:
-        frequencies = [[1.0] * f.num_experts for _ in range(f.num_layers)]
+        frequencies = [[1.0] * f.num_experts for _ in f.moe_layers]
         routing = "uniform"
 
     session = expert_session_bytes(f)
@@ -397,7 +409,7 @@ def plan(package: str | Path | Manifest, device: Device, budget: int | str | Non
     probabilities = request_probabilities(f.top_k, frequencies)
     hit = hit_rate(policy, capacity, f.top_k, probabilities) if fits else 0.0
 
-    active = f.num_layers * f.top_k  # expert runs per token
+    active = len(f.moe_layers) * f.top_k  # expert runs per token
     touched = (f.layer_graph_bytes + f.head_graph_bytes + context_tokens * f.kv_bytes_per_token
                + active * f.expert_block_bytes)
     rate = min(device.bandwidth, device.threads * device.kernel_rate_per_thread)

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import build_mixtral
+from architectures import ARCHITECTURES
+from checkpoints import build_checkpoint, build_mixtral
 from mobilemoe.cli.main import app
 from mobilemoe.export import export_model
 from typer.testing import CliRunner
 
 import mobilemoe
 from mobilemoe.bench import plan_in_subprocess
-from mobilemoe.cache_policies import policy_by_name
+from mobilemoe.cache_policies import policy_by_name, policy_for_package
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.manifest import Manifest
 from mobilemoe.planner import (
@@ -225,6 +226,34 @@ def test_profile_recorded_from_a_run_is_used(package, tmp_path):
     profiled = plan(copy, Device(ram=GB), budget=budget)
     assert profiled.routing.endswith("routing_profile.json")
     assert plan(package, Device(ram=GB), budget=budget).routing == "uniform"
+
+
+def test_profile_of_a_model_with_dense_layers(tmp_path):
+    """Qwen2-MoE's mlp_only_layers (and DeepSeek's first layers) have no experts: the
+    recorded profile's row for them is all zero, which reading, planning and pinning accept,
+    and the plan counts only the MoE layers' experts."""
+    build_checkpoint(tmp_path / "ckpt", ARCHITECTURES["qwen2_moe"].config("tiny"), seed=1)
+    pkg = export_model(tmp_path / "ckpt", tmp_path / "q.mmoe", progress=False)
+    manifest = Manifest.load(pkg)
+    d = manifest.dims
+    assert manifest.moe_layers == [0, 2] and manifest.experts_total == len(manifest.experts)
+    policy = ProfilingLRU()
+    with mobilemoe.load(pkg, policy=policy) as model:
+        list(model.generate([1, 5, 9, 33], max_new_tokens=6, temperature=0))
+    counts = policy.counts(d.num_layers, d.num_experts)
+    assert sum(counts[1]) == 0 and sum(counts[0]) > 0
+    path = write_routing_profile(pkg / "routing_profile.json", counts)
+    assert read_routing_profile(path, d.num_layers, d.num_experts, manifest.moe_layers) == counts
+    with pytest.raises(PackageError, match="layer 1 must list"):
+        read_routing_profile(path, d.num_layers, d.num_experts)  # as if every layer had experts
+    bad = write_routing_profile(tmp_path / "bad.json", [[1, 1, 1, 1]] * d.num_layers)
+    with pytest.raises(PackageError, match="layer 1 is dense"):
+        read_routing_profile(bad, d.num_layers, d.num_experts, manifest.moe_layers)
+    p = plan(pkg, Device(ram=16 * GB))
+    assert p.routing.endswith("routing_profile.json")
+    assert p.experts_total == 2 * d.num_experts
+    pinned = policy_for_package("pinned", pkg)
+    assert all(layer != 1 for layer, _ in pinned.hot)
 
 
 def test_skewed_routing_raises_the_hit_rate(package, tmp_path):
