@@ -48,7 +48,10 @@ def _sparsemixer(logits: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray
         best = scores.max(axis=-1, keepdims=True)  # [T, 1]
         choice = np.argmax(scores, axis=-1)[:, None]
         factor = np.maximum(np.abs(logits), best)
-        masked = np.where((best - logits) / factor > 2 * eps, -np.inf, scores)
+        # 0 / 0 (all logits zero) and x / 0 (a zero logit above a negative runner-up) give
+        # NaN and -inf, which compare false: not masked, as in transformers' torch code.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            masked = np.where((best - logits) / factor > 2 * eps, -np.inf, scores)
         return choice, np.take_along_axis(softmax(masked), choice, axis=-1)
 
     first, w1 = pick(logits)

@@ -5,6 +5,8 @@ with the very weights the package stores, dequantized (what the runtime computes
 it to float32 rounding when MatMulNBits computes in float32, accuracy_level=1).
 """
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -17,9 +19,11 @@ from checkpoints import (
     reference_logits,
 )
 from mobilemoe.export import export_model
+from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
 import mobilemoe
-from mobilemoe.routing import tokens_by_expert
+from mobilemoe.manifest import Routing
+from mobilemoe.routing import route, tokens_by_expert
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8]
 
@@ -146,6 +150,24 @@ def test_one_token_grouping_equals_the_general_one():
         assert list(one) == list(both)  # expert order: the order outputs are summed in
         for expert, (rows, weight) in one.items():
             assert rows.tolist() == [0] and weight.tobytes() == both[expert][1][:1].tobytes()
+
+
+def test_sparsemixer_on_zero_logits_matches_transformers_without_warnings():
+    """Phi-MoE's routing divides by max(|logit|, best): 0 / 0 when the logits are all zero
+    (a zero hidden state), x / 0 when the runner-up's best is below a zero logit. NaN and -inf
+    compare false in torch and numpy alike, so nothing is masked; numpy must not warn."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((32, 8)).astype(np.float32)
+    logits[:4] = 0
+    logits[4:8, 0] = 0
+    logits[4:8, 1:] = -rng.random((4, 7), dtype=np.float32) - 0.1
+    r = Routing(scoring="sparsemixer", top_k=2, normalize_top_k=False, sparsemixer_eps=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        experts, weights = route(logits, r)
+    theirs_weights, theirs_experts = sparsemixer(torch.from_numpy(logits), 0.01, training=False)
+    np.testing.assert_array_equal(experts, theirs_experts.numpy())
+    np.testing.assert_allclose(weights, theirs_weights.numpy(), rtol=1e-6)
 
 
 def test_decoding_after_a_prefill_and_a_reset_is_bit_identical(export):
