@@ -224,11 +224,12 @@ def plan_in_subprocess(path: str | Path, threads: int, context_length: int) -> d
     process's baseline is not raised by a load it only did to plan)."""
     code = (
         "import json, sys, mobilemoe\n"
+        "from mobilemoe.fused_experts import LAYERS_BUILT_AT_ONCE\n"
         "m = mobilemoe.load(sys.argv[1], threads=int(sys.argv[2]), context_length=int(sys.argv[3]))\n"
         "p = m.plan\n"
         "print(json.dumps({'fixed': p.fixed_bytes, 'session': p.expert_session_bytes,\n"
         "                  'minimum': p.minimum_budget, 'experts': len(m.manifest.experts),\n"
-        "                  'fused': m.fused_experts_bytes()}))\n"
+        "                  'fused': m.fused_experts_bytes(LAYERS_BUILT_AT_ONCE)}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(context_length)],
                           capture_output=True, text=True)

@@ -91,6 +91,19 @@ def test_fused_model_matches_the_per_expert_path(package):
     assert sorted(trace[0]) == [0, 1] and trace[0][0].shape == (4, 2)
 
 
+def test_layers_built_two_at_a_time_equal_one_at_a_time(package, monkeypatch):
+    """Loading builds two layers' QMoE sessions at once when the budget holds both layers'
+    stacked weights; the sessions, so the logits, are the same bit for bit."""
+    two = mobilemoe.load(package, fused_experts=True)
+    d, q = two.dims, two.manifest.quantization
+    weights, _ = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
+                               q.expert_bits, q.block_size)
+    assert two.fused_experts_bytes(2) - two.fused_experts_bytes(1) == weights
+    monkeypatch.setattr(mobilemoe.model, "LAYERS_BUILT_AT_ONCE", 1)
+    one = mobilemoe.load(package, fused_experts=True)
+    assert np.array_equal(one.logits(PROMPT), two.logits(PROMPT))
+
+
 def test_fused_experts_refuse_a_budget_that_cannot_hold_every_expert(package):
     tightest = mobilemoe.load(package).plan.tightest_budget
     with pytest.raises(MobileMoEError, match="fused experts need every expert resident"):
