@@ -3,12 +3,16 @@ is made of. Timers wrapped around the runtime's own functions (no change to the 
 
     .venv/bin/python benchmarks/step_profile.py decode PKG              # all experts cached
     .venv/bin/python benchmarks/step_profile.py paging PKG --fraction 0.25
+    .venv/bin/python benchmarks/step_profile.py load PKG [--fused-experts]
 
 decode: loads PKG without a budget, decodes 12 tokens to page the experts a prompt needs, then
 times 33 more (temperature 1, so some steps still page in: `expert cache` includes that).
 paging: loads PKG with a budget holding `--fraction` of the experts (measured as `compare.py`
 does), decodes 4 tokens, then splits the page-ins of 12 more into reading the block, its
 crc32 (on a second thread, overlapped with the build), and building the session.
+load: times `mobilemoe.load` and its parts, summed over the threads that run them (dense
+sessions, with their checksums; with --fused-experts the experts' reads, stacking and QMoE
+session builds), so parts that overlap add up to more than the wall time.
 Run under `chrt -r 1` on a shared machine (docs/PERFORMANCE.md says why).
 """
 
@@ -95,17 +99,37 @@ def paging(package: str, threads: int, fraction: float) -> None:
               f"{s / calls[label] * 1e3:.2f} ms each)")
 
 
+def load(package: str, threads: int, fused_experts: bool) -> None:
+    import mobilemoe.fused_experts as fused_module
+    from mobilemoe.expert_store import ExpertStore
+
+    seconds, calls = collections.defaultdict(float), collections.Counter()
+    timed(model_module.MoEModel, "_dense_session", "dense sessions", seconds, calls)
+    timed(ExpertStore, "read", "expert reads (with crc32)", seconds, calls)
+    timed(fused_module, "_interleave", "stacking (gate/up interleave)", seconds, calls)
+    timed(fused_module, "create_session_with_weights", "QMoE session builds", seconds, calls)
+    start = time.perf_counter()
+    mobilemoe.load(package, threads=threads, fused_experts=fused_experts).close()
+    print(f"{package}: loaded in {time.perf_counter() - start:.2f} s"
+          f"{' with fused experts' if fused_experts else ''}")
+    for label, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:32s} {s:6.2f} s  ({calls[label]} calls)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("decode", "paging"))
+    p.add_argument("what", choices=("decode", "paging", "load"))
     p.add_argument("package")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.25, help="paging: share of experts cached")
+    p.add_argument("--fused-experts", action="store_true", help="load: with fused experts")
     a = p.parse_args(argv)
     if a.what == "decode":
         decode(a.package, a.threads)
-    else:
+    elif a.what == "paging":
         paging(a.package, a.threads, a.fraction)
+    else:
+        load(a.package, a.threads, a.fused_experts)
 
 
 if __name__ == "__main__":
