@@ -248,7 +248,7 @@ class MoEModel:
     def _fuse_experts(self, capacity: int) -> dict[int, FusedLayerExperts]:
         """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
         m, d, q = self.manifest, self.dims, self.manifest.quantization
-        layers = [i for i, info in enumerate(self._layer_info) if info.moe]
+        layers = m.moe_layers
         if not self.can_fuse_experts():
             raise MobileMoEError(f"fused experts need unbiased SiLU experts whose widths are "
                                  f"multiples of the block size; {m.model_type} at block "
@@ -287,7 +287,7 @@ class MoEModel:
         layout) plus the float32 scales QMoE keeps; while layers are built, their stacked
         weights on top."""
         d, q = self.dims, self.manifest.quantization
-        moe_layers = sum(info.moe for info in self._layer_info)
+        moe_layers = len(self.manifest.moe_layers)
         weights, scales = stacked_bytes(d.hidden_size, d.intermediate_size, d.num_experts,
                                         q.expert_bits, q.block_size)
         return (moe_layers * (d.num_experts * max(self._held.values()) + scales)
