@@ -28,6 +28,7 @@ import numpy as np
 import mobilemoe
 import mobilemoe.model as model_module
 from mobilemoe.bench import budget_for_fraction, plan_in_subprocess
+from mobilemoe.ort_sessions import SessionRunner
 
 
 def timed(owner: object, name: str, label: str, seconds: dict, calls: collections.Counter) -> None:
@@ -61,9 +62,7 @@ def decode(package: str, threads: int) -> None:
     timed(model_module, "tokens_by_expert", "grouping", seconds, calls)
     timed(model._cache, "get", "expert cache", seconds, calls)
     list(model.generate(prompt(), max_new_tokens=12, temperature=1.0, seed=1))
-    import onnxruntime as ort  # expert sessions: every session.run that is not embed/head
-
-    timed(ort.InferenceSession, "run", "session.run (experts, embed, head)", seconds, calls)
+    timed(SessionRunner, "__call__", "expert sessions", seconds, calls)
     seconds.clear()
     calls.clear()
     start = time.perf_counter()

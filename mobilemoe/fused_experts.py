@@ -26,7 +26,7 @@ import numpy as np
 
 from mobilemoe.expert_store import ExpertStore
 from mobilemoe.manifest import ExpertTemplate
-from mobilemoe.ort_sessions import create_session_with_weights
+from mobilemoe.ort_sessions import SessionRunner, create_session_with_weights
 
 # Layers whose QMoE sessions are built at once when the budget holds their stacked weights
 # side by side: on the OLMoE shape two builds on two threads took 1.3-1.5 s for two layers
@@ -79,8 +79,8 @@ class FusedLayerExperts:
         # ONNX Runtime copies external initializers (checked: overwriting them after this
         # changes nothing), so the stacked arrays go when this returns; it keeps the weights
         # repacked and its own copy of the scales.
-        self._session = create_session_with_weights(
-            model, ["fc1", "fc1_scales", "fc2", "fc2_scales"], [fc1, fc1_scales, fc2, fc2_scales])
+        self._run = SessionRunner(create_session_with_weights(
+            model, ["fc1", "fc1_scales", "fc2", "fc2_scales"], [fc1, fc1_scales, fc2, fc2_scales]))
 
     def __call__(self, x: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """x [T, H], experts and weights [T, k] (the runtime's routing) -> sum of weighted
@@ -91,7 +91,7 @@ class FusedLayerExperts:
         np.put_along_axis(probs, experts, 1.0, axis=1)
         dense_weights = np.zeros((t, self.num_experts), np.float32)
         np.put_along_axis(dense_weights, experts, weights, axis=1)
-        return self._session.run(None, {"x": x, "probs": probs, "weights": dense_weights})[0]
+        return self._run({"x": x, "probs": probs, "weights": dense_weights})[0]
 
 
 def _interleave(rows: np.ndarray, out: np.ndarray) -> None:

@@ -43,6 +43,7 @@ from mobilemoe.memory_plan import (
     staging_bytes,
 )
 from mobilemoe.ort_sessions import (
+    SessionRunner,
     create_session,
     create_session_with_weights,
     default_threads,
@@ -231,7 +232,7 @@ class MoEModel:
             hidden = runner.run(hidden, 0)["residual"]
         self._head.run(None, {"hidden": hidden})
 
-    def _expert_session(self, layer: int, expert: int) -> ort.InferenceSession:
+    def _expert_session(self, layer: int, expert: int) -> SessionRunner:
         """Read, check and build one expert. The crc32 runs on another thread while ONNX
         Runtime builds the session (both release the GIL): a page-in costs the longer of the
         two, not their sum. A block that fails its check is dropped before anything runs."""
@@ -243,7 +244,7 @@ class MoEModel:
                                                   list(arrays), list(arrays.values()))
         finally:
             check.result()  # raises PackageError on a corrupt block
-        return session
+        return SessionRunner(session)
 
     def _fuse_experts(self, capacity: int) -> dict[int, FusedLayerExperts]:
         """Every MoE layer's experts as one QMoE session each (mobilemoe.fused_experts)."""
@@ -356,9 +357,9 @@ class MoEModel:
         one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
         outputs = {}
 
-        def run(expert: int, session) -> None:
+        def run(expert: int, session: SessionRunner) -> None:
             rows = groups[expert][0]
-            outputs[expert] = session.run(None, {"x": x if one else x[rows]})[0]  # [n, H]
+            outputs[expert] = session({"x": x if one else x[rows]})[0]  # [n, H]
 
         # The cached experts first (a miss may evict one this layer still needs), then the
         # misses, paged in a few at a time concurrently; the outputs are added up in expert
