@@ -40,7 +40,7 @@ import numpy as np
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.expert_cache import EvictionPolicy
 from mobilemoe.model import MoEModel, load
-from mobilemoe.ort_sessions import default_threads
+from mobilemoe.ort_sessions import SessionRunner, default_threads
 from mobilemoe.units import parse_bytes
 
 SPLIT_PARTS = ("dense", "experts", "paging", "other")
@@ -110,7 +110,8 @@ class _Probe:
     session would make a reference cycle (session -> wrapper -> session) and keep every
     evicted expert alive until the garbage collector ran, far over the memory budget. The
     wrapper counts a run as "dense" if it is one of the model's dense sessions, else as
-    "experts"; while the probe is installed, every session in the process is timed.
+    "experts"; while the probe is installed, every session in the process is timed. Expert
+    and fused-layer sessions run through `SessionRunner`, whose call is timed as "experts".
     """
 
     def __init__(self, model: MoEModel):
@@ -127,6 +128,8 @@ class _Probe:
                 self._patch(session_class, method, self._timed_session(getattr(session_class, method),
                                                                       dense_ids))
             self.available["dense"] = self.available["experts"] = True
+        if hasattr(model, "_layers"):  # expert and fused-layer sessions run through a runner
+            self._patch(SessionRunner, "__call__", self._timed(SessionRunner.__call__, "experts"))
         store = getattr(model, "_store", None)
         # A page-in reads with `read_unchecked` (the crc32 runs on another thread, overlapped
         # with the session build); older runtimes read and checked in `read`.

@@ -72,6 +72,7 @@ def test_run_bench_under_a_budget_that_pages(package):
         assert all(split[k] is not None and split[k] >= 0
                    for k in ("dense", "experts", "paging", "paging_read"))
         assert split["paging_read"] <= split["paging"]
+        assert split["dense"] > 0 and split["experts"] > 0  # every token runs both
         timed = split["dense"] + split["experts"] + split["paging"]
         assert split["other"] == pytest.approx(split["total"] - timed)
     assert r.decode.evictions > 0 and r.decode.mb_paged_per_token > 0

@@ -126,6 +126,7 @@ def test_bench_and_run_commands_take_fused_experts(package):
     data = json.loads(result.output)
     assert data["fused_experts"] and data["preloaded_experts"] == 0
     assert data["decode"]["tokens"] == 3 and data["decode"]["misses"] == 0
+    assert data["decode"]["split_ms_per_token"]["experts"] > 0  # QMoE runs are timed
     assert data["peak_rss"] - data["baseline_rss"] <= data["memory_budget"]
     assert not any("--fused-experts" in note for note in data["notes"])
     unfused = [arg for arg in bench if arg != "--fused-experts"]
