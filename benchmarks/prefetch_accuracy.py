@@ -20,7 +20,6 @@ guessing without the router gives (k / E and 2k / E).
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import windows  # noqa: E402
+from quality import window_arguments, windows  # noqa: E402
 
 
 def recalls(model, ids: list[int]) -> dict[str, np.ndarray]:
@@ -64,14 +63,10 @@ def recalls(model, ids: list[int]) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=8, help="windows of 256 tokens per domain")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = window_arguments(__doc__.split("\n")[0])
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
     with importlib.resources.as_file(importlib.resources.files("mobilemoe") / "demo_model"
                                      ) as checkpoint:
         data = windows(checkpoint, args.windows)

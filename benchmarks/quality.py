@@ -83,14 +83,22 @@ def scores(logits: list[np.ndarray], data: list[list[int]],
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def window_arguments(description: str) -> argparse.Namespace:
+    """--windows and --threads, as this script and prefetch_accuracy.py take them; torch (a
+    dev dependency, imported here) is set to the thread count."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--windows", type=int, default=8, help="windows of 256 tokens per domain")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = window_arguments(__doc__.split("\n")[0])
+    import torch
     from mobilemoe.export import export_model
 
     start = time.perf_counter()
