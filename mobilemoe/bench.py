@@ -127,9 +127,8 @@ class _Probe:
             for method in ("run", "run_with_iobinding"):  # layer graphs run with an IO binding
                 self._patch(session_class, method, self._timed_session(getattr(session_class, method),
                                                                       dense_ids))
-            self.available["dense"] = self.available["experts"] = True
-        if hasattr(model, "_layers"):  # expert and fused-layer sessions run through a runner
             self._patch(SessionRunner, "__call__", self._timed(SessionRunner.__call__, "experts"))
+            self.available["dense"] = self.available["experts"] = True
         store = getattr(model, "_store", None)
         # A page-in reads with `read_unchecked` (the crc32 runs on another thread, overlapped
         # with the session build); older runtimes read and checked in `read`.
