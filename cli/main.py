@@ -155,6 +155,9 @@ def export(
     block_size: Annotated[int, typer.Option(help="Quantization block size.")] = DEFAULT_BLOCK_SIZE,
     accuracy_level: Annotated[int, typer.Option(
         help="MatMulNBits compute: 4 = int8 activations (fastest), 1 = float32.")] = 4,
+    mla_cache: Annotated[str, typer.Option(
+        help="DeepSeek's KV cache: expanded (per-head keys and values) or latent (~10x smaller, "
+             "slower attention).")] = "expanded",
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit).")
                         ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package.")] = False,
@@ -167,8 +170,8 @@ def export(
     start = time.perf_counter()
     with user_errors():
         path = export_model(src, out, bits=bits, dense_bits=dense_bits, block_size=block_size,
-                            accuracy_level=accuracy_level, revision=revision,
-                            overwrite=overwrite,
+                            accuracy_level=accuracy_level, mla_cache=mla_cache,
+                            revision=revision, overwrite=overwrite,
                             progress=sys.stderr.isatty() if progress is None else progress)
     typer.echo(f"exported {src} -> {path} ({format_bytes(folder_bytes(path))}, "
                f"{time.perf_counter() - start:.1f} s)")

@@ -62,6 +62,7 @@ class AttentionOptions:
     rope_interleaved: bool = False  # DeepSeek's pairwise RoPE (export/mla.py reorders for it)
     sliding_window: int = 0  # attend to the last this many positions (the token's own included)
     rope_dim: int = 0  # rotated dims per head (the layer graph sets it)
+    mla_latent_cache: bool = False  # DeepSeek's MLA: cache the latent, not per-head k and v
 
 
 def step_rope_rows(b: GraphBuilder, inp: AttentionInputs, path: str) -> tuple[str, str]:

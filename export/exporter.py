@@ -52,13 +52,17 @@ EXPERT_STORE = "experts.bin"
 
 
 def export_model(src: str | Path, out: str | Path, bits: int = 4, dense_bits: int = 8,
-                 block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 4, revision: str | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 4,
+                 mla_cache: str = "expanded", revision: str | None = None,
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Export a Hugging Face MoE checkpoint (folder or hub id) to a mobilemoe package.
 
     bits: expert weights (4 or 8); dense_bits: attention and LM head (8 or 4); block_size:
     quantization block along the input dimension; accuracy_level: MatMulNBits compute
-    (4 = int8 activations, fastest; 1 = float32). Returns the package folder.
+    (4 = int8 activations, fastest; 1 = float32); mla_cache: what a DeepSeek model's KV cache
+    holds, "expanded" (every head's key and value) or "latent" (kv_lora_rank + rope dims a
+    token and layer: ~10x less memory, slower attention; export/mla.py). Returns the package
+    folder.
     """
     for name, value in (("bits", bits), ("dense_bits", dense_bits)):
         if value not in (4, 8):
@@ -67,6 +71,8 @@ def export_model(src: str | Path, out: str | Path, bits: int = 4, dense_bits: in
         raise ExportError(f"block size must be a power of two >= 16, got {block_size}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy level must be 0-4, got {accuracy_level}")
+    if mla_cache not in ("latent", "expanded"):
+        raise ExportError(f"the MLA cache must be 'latent' or 'expanded', got {mla_cache!r}")
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (choose another -o, or pass --overwrite)")
@@ -76,7 +82,7 @@ def export_model(src: str | Path, out: str | Path, bits: int = 4, dense_bits: in
     except json.JSONDecodeError as e:
         raise ExportError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     spec = find_spec(config)
-    dims = model_dims(spec, config)
+    dims = model_dims(spec, config, mla_latent_cache=mla_cache == "latent")
     layout = CheckpointLayout(spec, config, Checkpoint(folder), dims)
 
     with atomic_folder(out) as tmp:
@@ -134,7 +140,7 @@ def _write_package(tmp: Path, folder: Path, config: dict, spec: ArchitectureSpec
         value_head_dim=dims.value_head_dim, eps=dims.rms_norm_eps, qk_norm=spec.qk_norm,
         scale=mult.get("attention", dims.head_dim ** -0.5),
         clip_qkv=config.get("clip_qkv"), accuracy_level=acc,
-        rope_interleaved=layout.rope.interleaved)
+        rope_interleaved=layout.rope.interleaved, mla_latent_cache=dims.latent_cache_dim > 0)
     layer_refs = []
     with open(tmp / EXPERT_STORE, "wb") as store_file:
         store = ExpertStoreWriter(store_file)

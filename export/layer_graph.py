@@ -46,12 +46,12 @@ class LayerOptions:
 
 def layer_graph(dims: ModelDims, t: dict[Role, np.ndarray], quantize: Quantize,
                 opts: LayerOptions) -> onnx.ModelProto:
-    h, kvh, eps = dims.hidden_size, dims.num_kv_heads, dims.rms_norm_eps
+    h, eps = dims.hidden_size, dims.rms_norm_eps
     acc = opts.accuracy_level
     p = f"/model/layers.{opts.layer}"
     b = GraphBuilder(f"layer_{opts.layer}")
     hidden = b.input("hidden", FLOAT, ["T", h])
-    cache = [1, kvh, "C", dims.cache_head_dim]
+    cache = [1, dims.cache_kv_heads, "C", dims.cache_head_dim]
     x = norm(b, hidden, t[Role.ATTN_NORM], t.get(Role.ATTN_NORM_BIAS), eps, f"{p}/input_layernorm")
     inp = AttentionInputs(
         x=x,

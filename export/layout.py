@@ -53,13 +53,17 @@ def config_value(spec: ArchitectureSpec, config: dict, field: str, default=None)
     raise ExportError(f"config.json has no {field} (looked for {', '.join(names)})")
 
 
-def model_dims(spec: ArchitectureSpec, config: dict) -> ModelDims:
+def model_dims(spec: ArchitectureSpec, config: dict, mla_latent_cache: bool = False) -> ModelDims:
+    """The model's dimensions; `mla_latent_cache`: a DeepSeek KV cache of latents (export/mla.py)."""
     hidden = int(config_value(spec, config, "hidden_size"))
     heads = int(config_value(spec, config, "num_heads"))
     mla = config.get("kv_lora_rank") is not None
-    if mla:  # DeepSeek: every head has its own k and v, of different widths
+    latent_cache_dim = 0
+    if mla:  # DeepSeek: every head has its own k and v, of different widths, made from a latent
         head_dim = int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"])
         value_head_dim, kv_heads = int(config["v_head_dim"]), heads
+        if mla_latent_cache:
+            latent_cache_dim = int(config["kv_lora_rank"]) + int(config["qk_rope_head_dim"])
     else:
         head_dim = int(config_value(spec, config, "head_dim", hidden // heads))
         value_head_dim, kv_heads = head_dim, int(config_value(spec, config, "num_kv_heads"))
@@ -76,6 +80,7 @@ def model_dims(spec: ArchitectureSpec, config: dict) -> ModelDims:
         top_k=int(config_value(spec, config, "top_k")),
         rms_norm_eps=float(config_value(spec, config, "rms_norm_eps", 1e-6)),
         max_position_embeddings=int(config_value(spec, config, "max_position_embeddings", 4096)),
+        latent_cache_dim=latent_cache_dim,
     )
 
 

@@ -1,21 +1,35 @@
-"""Multi-head latent attention (DeepSeek-V2/V3), from standard ops plus MatMulNBits.
+"""Multi-head latent attention (DeepSeek-V2/V3), from standard ops plus MatMulNBits, over a
+cache of every head's keys and values (the default) or of the latent (`--mla-cache latent`).
 
     x [T,H] ─ q_proj ─────────────────────────────┐        (q_lora_rank None: V2-Lite)
-          └ q_a_proj ─ q_a_layernorm ─ q_b_proj ──┴─> q [T, nh, nope+R] ─ split
-                                                      q_nope ────────────────┐
-                                                      q_rope ─ RoPE ─────────┴─ concat ─> q
-    x ─ kv_a_proj_with_mqa ─> [T, L+R] ─ split
-          c_kv [T, L] ─ kv_a_layernorm ─ kv_b_proj ─> [T, nh, nope+Dv] ─ split ─> k_nope, v
-          k_rope [T, 1, R] ─ RoPE ─ expand to nh heads (one rope key shared by all heads)
-          k = concat(k_nope, k_rope) [T, nh, nope+R]
-    attention_core(q, k, v) ─ o_proj ─> out [T, H]
+          └ q_a_proj ─ q_a_layernorm ─ q_b_proj ──┴─> q [T, nh, nope+R] ─ split ─ q_nope, q_rope
+    x ─ kv_a_proj_with_mqa ─> [T, L+R] ─ split ─ c_kv [T, L] ─ kv_a_layernorm; k_rope [T, R]
+    q_rope, k_rope ─ RoPE (one rope key shared by all heads)
 
-The KV cache holds the expanded per-head keys [T, nh, nope+R] and values [T, nh, Dv] (padded
-to nope+R: the fused attention wants one width): simple, and exact against transformers.
-Caching the latent instead (c_kv [T, L] and k_rope [T, R]: 576 floats per token and layer for
-DeepSeek-V2-Lite instead of 6,144) is a later
-memory optimisation; it wants the "absorbed" form (q_nope through kv_b's key rows, kv_b's value
-rows after the attention) to stay fast.
+    expanded: c_kv ─ kv_b_proj ─> [T, nh, nope+Dv] ─ split ─> k_nope, v
+              attention(concat(q_nope, q_rope), concat(k_nope, k_rope), v) ─> [T, nh, Dv]
+    latent:   q_nope ─ ·W_UK ─> [T, nh, L]; latent = concat(c_kv, k_rope) [T, 1, L+R]
+              attention(concat(q_nope W_UK, q_rope), keys = values = latent) ─> [T, nh, L+R]
+              ─ first L ─ ·W_UV ─> [T, nh, Dv]
+    ─ o_proj ─> out [T, H]
+
+Expanded, the cache holds every head's key and value (DeepSeek-V2-Lite: 16 x 2 x 192 = 6,144
+floats per token and layer, the values padded to the keys' width): simple, and the faster
+attention. Latent, it holds the latent once: kv_lora_rank + qk_rope_head_dim floats (576), 10.7x
+less. That is the "absorbed" form of DeepSeek's paper: kv_b_proj's key rows W_UK [nh, nope, L]
+and value rows W_UV [nh, Dv, L] are not applied to the cache but to the query (q_nope . (W_UK c)
+= (W_UK^T q_nope) . c) and to the attention's output (the softmax-weighted sum of latents, then
+W_UV per head). The attention is a multi-query one of head width L+R whose values are the latents
+themselves, so its output's first L entries are the weighted sum of c_kv (the last R, a weighted
+sum of rope keys, are dropped). W_UK and W_UV are float32 copies of kv_b_proj's quantized weight,
+the very values MatMulNBits would multiply by: per-head products are batched matmuls, which
+MatMulNBits cannot do.
+
+The latent's price is compute: ONNX Runtime's attention runs each of the 16 query heads over
+the shared 576-wide cache on its own (16 passes over it, against one pass over each head's
+192-wide keys), and W_UK / W_UV are read as float32 every step. On V2-Lite's attention shape
+(benchmarks/mla_cache.py, docs/PERFORMANCE.md) decoding ran 0.84x as fast at 64 tokens of
+context and 0.67x at 2048. So it is opt-in, for when memory is what limits.
 
 RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... (a complex multiplication);
 `graphs.rope` rotates halves. With `rope_interleaved`, the rope rows of the q projection (each
@@ -28,11 +42,14 @@ blockwise quantization (blocks run along the input dimension).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .architectures import Role
 from .attention import AttentionInputs, AttentionOptions, Quantize, attention_core, step_rope_rows
 from .graphs import GraphBuilder, linear, norm, rope
+from .quantize import QuantizedLinear, dequantize_blockwise
 
 # transformers builds q_a_layernorm and kv_a_layernorm with DeepseekV2RMSNorm's default eps,
 # not the config's rms_norm_eps (DeepSeek's own modelling code does the same).
@@ -51,8 +68,10 @@ def deinterleave_rope_rows(rows: int, period: int, offset: int, rope_dim: int) -
 
 def mla_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarray],
                   quantize: Quantize, o: AttentionOptions, path: str) -> str:
-    """-> attention output [T, H]; keys [T, nh, nope+R] (with RoPE) and values go to the cache."""
-    nh, d, dv, acc = o.num_heads, o.head_dim, o.value_head_dim, o.accuracy_level
+    """-> attention output [T, H]; the new tokens' latents (c_kv, then the rope key) go to the
+    cache [1, 1, C, L+R], or, with `mla_latent_cache` off, their per-head keys and values
+    [1, nh, C, D]."""
+    nh, d, acc = o.num_heads, o.head_dim, o.accuracy_level
     latent = t[Role.ATTN_KV_A_NORM].shape[0]  # kv_lora_rank
     r = t[Role.ATTN_KV_A].shape[0] - latent  # qk_rope_head_dim
     nope = d - r
@@ -77,19 +96,65 @@ def mla_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
                         n_out=2, axis=-1)
     c_kv = norm(b, c_kv, t[Role.ATTN_KV_A_NORM], None, LOW_RANK_NORM_EPS,
                 f"{path}/kv_a_layernorm")
-    kv = linear(b, c_kv, quantize(t[Role.ATTN_KV_B]), f"{path}/kv_b_proj", acc)
-    kv = b.op("Reshape", [kv, b.const([-1, nh, nope + dv])], f"{path}/kv/Reshape")
-    k_nope, v = b.op("Split", [kv, b.const([nope, dv])], f"{path}/kv/Split", n_out=2, axis=-1)
 
     cos, sin = (b.op("Unsqueeze", [y, b.const([1])], f"{path}/rope/{n}")  # [T, 1, R/2]
                 for y, n in zip(step_rope_rows(b, inp, path), ("cos", "sin"), strict=True))
     q_rope = rope(b, q_rope, cos, sin, f"{path}/rope_q")  # [T, nh, R]
     k_rope = b.op("Unsqueeze", [k_rope, b.const([1])], f"{path}/k_rope/Unsqueeze")  # [T, 1, R]
     k_rope = rope(b, k_rope, cos, sin, f"{path}/rope_k")
-    k_rope = b.op("Expand", [k_rope, b.const([1, nh, 1])], f"{path}/k_rope/Expand")  # [T,nh,R]
+    kv_b = quantize(t[Role.ATTN_KV_B])  # [nh * (nope + Dv), L]
+    parts = (q_nope, q_rope, c_kv, k_rope)
+    if o.mla_latent_cache:
+        ctx = _latent_attention(b, inp, o, parts, kv_b, latent, r, path)
+    else:
+        ctx = _expanded_attention(b, inp, o, parts, kv_b, nope, path)
+    return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
 
+
+def _latent_attention(b: GraphBuilder, inp: AttentionInputs, o: AttentionOptions,
+                      parts: tuple[str, str, str, str], kv_b: QuantizedLinear, latent: int,
+                      r: int, path: str) -> str:
+    """The absorbed form over a cache of latents [1, 1, C, L+R] -> context [T, nh * Dv]."""
+    q_nope, q_rope, c_kv, k_rope = parts  # [T,nh,nope], [T,nh,R] roped, [T,L], [T,1,R] roped
+    nh, dv = o.num_heads, o.value_head_dim
+    nope = o.head_dim - r
+    weight = dequantize_blockwise(kv_b).reshape(nh, nope + dv, latent)
+    w_uk = np.ascontiguousarray(weight[:, :nope])  # [nh, nope, L]
+    w_uv = np.ascontiguousarray(weight[:, nope:].transpose(0, 2, 1))  # [nh, L, Dv]
+
+    def per_head(x: str, w: np.ndarray, name: str) -> str:
+        """x [T, nh, a] -> [T, nh, b]: head h times w[h] [a, b]."""
+        heads_first = b.op("Transpose", [x], f"{path}/{name}/Transpose", perm=[1, 0, 2])
+        y = b.op("MatMul", [heads_first, b.weight(f"{path}/{name}.weight", w)],
+                 f"{path}/{name}/MatMul")  # [nh, T, b]
+        return b.op("Transpose", [y], f"{path}/{name}/TransposeBack", perm=[1, 0, 2])
+
+    q = b.op("Concat", [per_head(q_nope, w_uk, "kv_b_proj/keys"), q_rope], f"{path}/q/Concat",
+             axis=-1)  # [T, nh, L+R]
+    q = b.op("Unsqueeze", [q, b.const([1])], f"{path}/q/Unsqueeze")  # [T, 1, nh, L+R]
+    c_kv = b.op("Unsqueeze", [c_kv, b.const([1])], f"{path}/c_kv/Unsqueeze")  # [T, 1, L]
+    latents = b.op("Concat", [c_kv, k_rope], f"{path}/latent/Concat", axis=-1)  # [T, 1, L+R]
+    width = latent + r
+    core = replace(o, num_kv_heads=1, head_dim=width, value_head_dim=width)
+    ctx = attention_core(b, q, latents, latents, inp, core, None, path)  # [T, nh * (L+R)]
+    ctx = b.op("Reshape", [ctx, b.const([-1, nh, width])], f"{path}/context/LatentHeads")
+    ctx = b.op("Slice", [ctx, b.const([0]), b.const([latent]), b.const([2])],
+               f"{path}/context/Latent")  # [T, nh, L]
+    ctx = per_head(ctx, w_uv, "kv_b_proj/values")  # [T, nh, Dv]
+    return b.op("Reshape", [ctx, b.const([-1, nh * dv])], f"{path}/context/Values")
+
+
+def _expanded_attention(b: GraphBuilder, inp: AttentionInputs, o: AttentionOptions,
+                        parts: tuple[str, str, str, str], kv_b: QuantizedLinear, nope: int,
+                        path: str) -> str:
+    """Per-head keys and values in the cache [1, nh, C, D] -> context [T, nh * Dv]."""
+    q_nope, q_rope, c_kv, k_rope = parts
+    nh, dv = o.num_heads, o.value_head_dim
+    kv = linear(b, c_kv, kv_b, f"{path}/kv_b_proj", o.accuracy_level)
+    kv = b.op("Reshape", [kv, b.const([-1, nh, nope + dv])], f"{path}/kv/Reshape")
+    k_nope, v = b.op("Split", [kv, b.const([nope, dv])], f"{path}/kv/Split", n_out=2, axis=-1)
+    k_rope = b.op("Expand", [k_rope, b.const([1, nh, 1])], f"{path}/k_rope/Expand")  # [T,nh,R]
     q = b.op("Concat", [q_nope, q_rope], f"{path}/q/Concat", axis=-1)  # [T, nh, D]
     q = b.op("Unsqueeze", [q, b.const([2])], f"{path}/q/Unsqueeze")  # [T, nh, 1, D]: kvh = nh
     k = b.op("Concat", [k_nope, k_rope], f"{path}/k/Concat", axis=-1)  # [T, nh, D]
-    ctx = attention_core(b, q, k, v, inp, o, None, path)  # [T, nh * Dv]
-    return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
+    return attention_core(b, q, k, v, inp, o, None, path)  # [T, nh * Dv]

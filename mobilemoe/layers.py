@@ -11,16 +11,19 @@ from mobilemoe.manifest import ModelDims
 
 class KVCache:
     """Keys and values of every layer, preallocated for the whole context:
-    [layers, 1, kv_heads, context, cache_head_dim] each (ModelDims.cache_head_dim).
+    [layers, 1, kv_heads, context, cache_head_dim] each (ModelDims.cache_kv_heads and
+    cache_head_dim). MLA's latent cache is its own values: one array serves as both.
 
     Layer l's graph reads and writes keys[l] and values[l] in place (see `LayerRunner`): a
     step copies nothing but its own new entries. np.zeros maps pages lazily: RSS grows with use.
     """
 
     def __init__(self, dims: ModelDims, context: int):
-        shape = (dims.num_layers, 1, dims.num_kv_heads, context, dims.cache_head_dim)
+        shape = (dims.num_layers, 1, dims.cache_kv_heads, context, dims.cache_head_dim)
         self.keys = np.zeros(shape, dtype=np.float32)
-        self.values = np.zeros(shape, dtype=np.float32)
+        # The attention writes a new token's latent twice, as key and as value, to the same
+        # place: the same values, so sharing the memory changes nothing but its size.
+        self.values = self.keys if dims.cache_values_are_keys else np.zeros(shape, np.float32)
         self.length = 0
 
     @property

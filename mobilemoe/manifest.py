@@ -39,14 +39,35 @@ class ModelDims:
     rms_norm_eps: float
     max_position_embeddings: int
     value_head_dim: int = 0  # of v (DeepSeek's differs from q/k's); 0 = head_dim
+    # DeepSeek's MLA caching its latent (kv_lora_rank + qk_rope_head_dim wide) instead of
+    # per-head keys and values; 0 = keys and values per kv head (export/mla.py)
+    latent_cache_dim: int = 0
 
     def __post_init__(self) -> None:
         if not self.value_head_dim:
             object.__setattr__(self, "value_head_dim", self.head_dim)
 
     @property
+    def cache_kv_heads(self) -> int:
+        """Heads of the KV cache: MLA's latent is one head shared by every query head."""
+        return 1 if self.latent_cache_dim else self.num_kv_heads
+
+    @property
     def cache_head_dim(self) -> int:
+        if self.latent_cache_dim:
+            return cache_head_dim(self.latent_cache_dim, self.latent_cache_dim)
         return cache_head_dim(self.head_dim, self.value_head_dim)
+
+    @property
+    def cache_values_are_keys(self) -> bool:
+        """MLA's latent serves as both keys and values: the cache holds it once."""
+        return bool(self.latent_cache_dim)
+
+    @property
+    def cache_floats_per_token(self) -> int:
+        """One layer's KV cache entries for one token."""
+        per_head = self.cache_head_dim * (1 if self.cache_values_are_keys else 2)
+        return self.cache_kv_heads * per_head
 
 
 def cache_head_dim(head_dim: int, value_head_dim: int) -> int:

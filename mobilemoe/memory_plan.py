@@ -37,8 +37,7 @@ def staging_bytes(largest_block: int) -> int:
 
 
 def kv_cache_bytes(dims: ModelDims, context_length: int) -> int:
-    per_token = dims.num_kv_heads * 2 * dims.cache_head_dim  # keys + values
-    return dims.num_layers * context_length * per_token * FLOAT_BYTES
+    return dims.num_layers * context_length * dims.cache_floats_per_token * FLOAT_BYTES
 
 
 def activation_bytes(dims: ModelDims, chunk: int, context_length: int) -> int:

@@ -490,6 +490,7 @@ def test_output_already_exists(checkpoint, tmp_path):
     ("block_size", 48, "block size must be a power of two >= 16, got 48"),
     ("block_size", 8, "block size must be a power of two >= 16, got 8"),
     ("accuracy_level", 7, "accuracy level must be 0-4, got 7"),
+    ("mla_cache", "compressed", "the MLA cache must be 'latent' or 'expanded', got 'compressed'"),
 ])
 def test_bad_export_settings(checkpoint, tmp_path, name, value, words):
     with pytest.raises(ExportError, match=re.escape(words)):

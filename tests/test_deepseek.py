@@ -122,3 +122,30 @@ def test_rope_and_softmax_scale_match_transformers(name, style):
     assert spec.multipliers(settings)["attention"] == pytest.approx(attention.scaling, rel=1e-12)
     assert attention.scaling != pytest.approx(dims.head_dim ** -0.5)  # YaRN's mscale matters
     assert ours.interleaved
+
+
+@pytest.mark.parametrize("mla_cache", ["latent", "expanded"])
+def test_kv_cache_of_latent_attention(tmp_path, mla_cache):
+    """The default caches c_kv and the rope key (kv_lora_rank + qk_rope_head_dim floats per
+    token and layer), once, as keys and values alike; "expanded" every head's key and value.
+    Both give transformers' logits."""
+    config = ARCHITECTURES["deepseek_v2"].config("tiny")
+    build_checkpoint(tmp_path / "ckpt", config, seed=5)
+    package = export_model(tmp_path / "ckpt", tmp_path / "pkg", bits=8, dense_bits=8,
+                           accuracy_level=1, mla_cache=mla_cache, progress=False)
+    model = mobilemoe.load(package, context_length=64)
+    dims = model.manifest.dims
+    if mla_cache == "latent":  # 36 + 10 wide, padded to 48; 6 heads x (key + value) x 24 else
+        cache = {"latent": 46, "heads": 1, "width": 48, "floats": 48, "shared": True}
+    else:
+        cache = {"latent": 0, "heads": 6, "width": 24, "floats": 288, "shared": False}
+    assert (dims.latent_cache_dim, dims.cache_kv_heads, dims.cache_head_dim,
+            dims.cache_floats_per_token) == (cache["latent"], cache["heads"], cache["width"],
+                                             cache["floats"])
+    assert model._kv.keys.shape == (dims.num_layers, 1, cache["heads"], 64, cache["width"])
+    assert (model._kv.values is model._kv.keys) == cache["shared"]
+    assert model.stats.kv_cache_bytes == dims.num_layers * 64 * cache["floats"] * 4
+    expected = reference_logits(dequantized_reference(tmp_path / "ckpt", 8, 8), PROMPT)
+    np.testing.assert_allclose(model.logits(PROMPT), expected, rtol=0, atol=5e-5)
+    written = np.any(model._kv.keys[:, 0, 0], axis=-1)  # [layers, C]: an entry at a position
+    assert written[:, :len(PROMPT)].all() and not written[:, len(PROMPT):].any()
