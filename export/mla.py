@@ -9,8 +9,8 @@ cache of every head's keys and values (the default) or of the latent (`--mla-cac
     expanded: c_kv ─ kv_b_proj ─> [T, nh, nope+Dv] ─ split ─> k_nope, v
               attention(concat(q_nope, q_rope), concat(k_nope, k_rope), v) ─> [T, nh, Dv]
     latent:   q_nope ─ ·W_UK ─> [T, nh, L]; latent = concat(c_kv, k_rope) [T, 1, L+R]
-              attention(concat(q_nope W_UK, q_rope), keys = values = latent) ─> [T, nh, L+R]
-              ─ first L ─ ·W_UV ─> [T, nh, Dv]
+              attention(concat(q_nope W_UK, q_rope), keys = values = the cached latents)
+              ─> [T, nh, L+R] ─ first L ─ ·W_UV ─> [T, nh, Dv]
     ─ o_proj ─> out [T, H]
 
 Expanded, the cache holds every head's key and value (DeepSeek-V2-Lite: 16 x 2 x 192 = 6,144
@@ -25,11 +25,15 @@ sum of rope keys, are dropped). W_UK and W_UV are float32 copies of kv_b_proj's 
 the very values MatMulNBits would multiply by: per-head products are batched matmuls, which
 MatMulNBits cannot do.
 
-The latent's price is compute: ONNX Runtime's attention runs each of the 16 query heads over
-the shared 576-wide cache on its own (16 passes over it, against one pass over each head's
-192-wide keys), and W_UK / W_UV are read as float32 every step. On V2-Lite's attention shape
-(benchmarks/mla_cache.py, docs/PERFORMANCE.md) decoding ran 0.84x as fast at 64 tokens of
-context and 0.67x at 2048. So it is opt-in, for when memory is what limits.
+The latent's price is compute: every query head meets the whole 576-wide latent (3x the
+multiply-adds of 192-wide keys), and W_UK / W_UV are read as float32 every step. ONNX Runtime's
+attention would also read the shared cache once per query head (16 times), so it only appends
+the step's latents in place (run with one query head, its output unused) and the attention
+itself is two matmuls whose rows are all T x nh queries, each reading the cache once. On
+V2-Lite's attention shape (benchmarks/mla_cache.py, docs/PERFORMANCE.md) decoding with the
+latent cache ran ~0.96x as fast as expanded at 64 tokens of context and ~0.73x at 2048. So it is
+opt-in, for when memory is what limits: at 4096 tokens of context DeepSeek-V2-Lite's cache is
+2.7 GB expanded and 0.25 GB latent.
 
 RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... (a complex multiplication);
 `graphs.rope` rotates halves. With `rope_interleaved`, the rope rows of the q projection (each
@@ -42,12 +46,21 @@ blockwise quantization (blocks run along the input dimension).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
+from onnx import TensorProto
+
+from mobilemoe.manifest import cache_head_dim
 
 from .architectures import Role
-from .attention import AttentionInputs, AttentionOptions, Quantize, attention_core, step_rope_rows
+from .attention import (
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    AttentionInputs,
+    AttentionOptions,
+    Quantize,
+    attention_core,
+    step_rope_rows,
+)
 from .graphs import GraphBuilder, linear, norm, rope
 from .quantize import QuantizedLinear, dequantize_blockwise
 
@@ -131,13 +144,10 @@ def _latent_attention(b: GraphBuilder, inp: AttentionInputs, o: AttentionOptions
 
     q = b.op("Concat", [per_head(q_nope, w_uk, "kv_b_proj/keys"), q_rope], f"{path}/q/Concat",
              axis=-1)  # [T, nh, L+R]
-    q = b.op("Unsqueeze", [q, b.const([1])], f"{path}/q/Unsqueeze")  # [T, 1, nh, L+R]
     c_kv = b.op("Unsqueeze", [c_kv, b.const([1])], f"{path}/c_kv/Unsqueeze")  # [T, 1, L]
     latents = b.op("Concat", [c_kv, k_rope], f"{path}/latent/Concat", axis=-1)  # [T, 1, L+R]
-    width = latent + r
-    core = replace(o, num_kv_heads=1, head_dim=width, value_head_dim=width)
-    ctx = attention_core(b, q, latents, latents, inp, core, None, path)  # [T, nh * (L+R)]
-    ctx = b.op("Reshape", [ctx, b.const([-1, nh, width])], f"{path}/context/LatentHeads")
+    keys = _append_latents(b, latents, inp, latent + r, path)  # [1, 1, C, W]: the cache
+    ctx = _attend_all_heads(b, q, keys, inp, o.scale, nh, path)  # [T, nh, W]
     ctx = b.op("Slice", [ctx, b.const([0]), b.const([latent]), b.const([2])],
                f"{path}/context/Latent")  # [T, nh, L]
     ctx = per_head(ctx, w_uv, "kv_b_proj/values")  # [T, nh, Dv]
@@ -158,3 +168,68 @@ def _expanded_attention(b: GraphBuilder, inp: AttentionInputs, o: AttentionOptio
     q = b.op("Unsqueeze", [q, b.const([2])], f"{path}/q/Unsqueeze")  # [T, nh, 1, D]: kvh = nh
     k = b.op("Concat", [k_nope, k_rope], f"{path}/k/Concat", axis=-1)  # [T, nh, D]
     return attention_core(b, q, k, v, inp, o, None, path)  # [T, nh * Dv]
+
+
+def _append_latents(b: GraphBuilder, latents: str, inp: AttentionInputs, width: int,
+                    path: str) -> str:
+    """Write the step's latents [T, 1, L+R] into the cache in place -> the cache [1, 1, C, W].
+
+    GroupQueryAttention does the in-place append (see export/attention.py); it is run with one
+    query head, the latent itself, whose output is not used: ~1/16 of the attention's work."""
+    padded = b.op("Reshape", [latents, b.const([1, -1, width])], f"{path}/latent/Flatten")
+    cache_width = cache_head_dim(width, width)
+    if cache_width > width:
+        padded = b.op("Pad", [padded, b.const([0, 0, 0, 0, 0, cache_width - width])],
+                      f"{path}/latent/Pad")
+    b.op("GroupQueryAttention", [padded, padded, padded, inp.past_key, inp.past_value,
+                                 inp.seqlens_k, inp.total_length],
+         f"{path}/latent/Append", outputs=[f"{path}/latent/Unused", PRESENT_KEY, PRESENT_VALUE],
+         domain="com.microsoft", num_heads=1, kv_num_heads=1)
+    return PRESENT_KEY
+
+
+def _attend_all_heads(b: GraphBuilder, q: str, cache: str, inp: AttentionInputs, scale: float,
+                      nh: int, path: str) -> str:
+    """softmax(q . latents * scale + causal mask) . latents, every head in one matmul over the
+    cache's first `total_length` positions: q [T, nh, L+R] -> [T, nh, W].
+
+    ONNX Runtime's attention would run each of the nh query heads over the shared cache on its
+    own; here the T * nh queries are the rows of one product, so the cache is read once per
+    product (and once to slice it)."""
+    total = b.op("Cast", [inp.total_length], f"{path}/attend/Total", to=TensorProto.INT64)
+    total_1d = b.op("Unsqueeze", [total, b.const([0])], f"{path}/attend/Total1D")
+    keys = b.op("Slice", [cache, b.const([0]), total_1d, b.const([2])], f"{path}/attend/Keys")
+    keys = b.op("Squeeze", [keys, b.const([0, 1])], f"{path}/attend/Squeeze")  # [S, W]
+    w = b.op("Shape", [keys], f"{path}/attend/Width", start=1)  # [W]
+    q_rows = b.op("Reshape", [q, b.op("Concat", [b.const([-1]), b.op(
+        "Shape", [q], f"{path}/attend/QWidth", start=2)], f"{path}/attend/QRowsShape", axis=0)],
+        f"{path}/attend/QRows")  # [T * nh, L+R]
+    q_width = b.op("Shape", [q_rows], f"{path}/attend/QW", start=1)
+    pad = b.op("Sub", [w, q_width], f"{path}/attend/PadBy")
+    pads = b.op("Concat", [b.const([0, 0, 0]), pad], f"{path}/attend/Pads", axis=0)
+    q_rows = b.op("Pad", [q_rows, pads], f"{path}/attend/QPad")  # [T * nh, W]
+    scores = b.op("Gemm", [q_rows, keys], f"{path}/attend/Scores", alpha=float(scale),
+                  transB=1)  # [T * nh, S]
+    count = b.op("Shape", [q], f"{path}/attend/Count", end=1)  # [1]: T
+    scores = b.op("Reshape", [scores, b.op("Concat", [count, b.const([nh, -1])],
+                                           f"{path}/attend/ScoresShape", axis=0)],
+                  f"{path}/attend/ScoresHeads")  # [T, nh, S]
+    first = b.op("Sub", [total, b.op("Squeeze", [count], f"{path}/attend/T")],
+                 f"{path}/attend/First")
+    query_pos = b.op("Range", [first, total, b.const(1)], f"{path}/attend/QueryPos")  # [T]
+    key_pos = b.op("Range", [b.const(0), total, b.const(1)], f"{path}/attend/KeyPos")  # [S]
+    future = b.op("Greater", [key_pos, b.op("Unsqueeze", [query_pos, b.const([1])],
+                                            f"{path}/attend/QueryCol")],
+                  f"{path}/attend/Future")  # [T, S]
+    mask = b.op("Where", [future, b.const(-np.inf, np.float32), b.const(0.0, np.float32)],
+                f"{path}/attend/Mask")
+    mask = b.op("Unsqueeze", [mask, b.const([1])], f"{path}/attend/MaskHeads")  # [T, 1, S]
+    probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{path}/attend/Masked")],
+                 f"{path}/attend/Softmax", axis=-1)
+    rows = b.op("Reshape", [probs, b.op("Concat", [b.const([-1]), b.op(
+        "Shape", [keys], f"{path}/attend/S", end=1)], f"{path}/attend/PRowsShape", axis=0)],
+        f"{path}/attend/PRows")  # [T * nh, S]
+    ctx = b.op("MatMul", [rows, keys], f"{path}/attend/Context")  # [T * nh, W]
+    return b.op("Reshape", [ctx, b.op("Concat", [count, b.const([nh]), w],
+                                      f"{path}/attend/ContextShape", axis=0)],
+                f"{path}/attend/ContextHeads")  # [T, nh, W]

@@ -149,3 +149,6 @@ def test_kv_cache_of_latent_attention(tmp_path, mla_cache):
     np.testing.assert_allclose(model.logits(PROMPT), expected, rtol=0, atol=5e-5)
     written = np.any(model._kv.keys[:, 0, 0], axis=-1)  # [layers, C]: an entry at a position
     assert written[:, :len(PROMPT)].all() and not written[:, len(PROMPT):].any()
+    model.logits(PROMPT[:-4])  # then decode the rest one token at a time
+    steps = [model._forward([token], "last")[-1] for token in PROMPT[-4:]]
+    np.testing.assert_allclose(np.stack(steps), expected[-4:], rtol=0, atol=5e-5)
