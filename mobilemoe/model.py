@@ -147,9 +147,9 @@ class MoEModel:
             self._embed, *layer_sessions, self._head = pool.map(
                 self._dense_session, [m.embed_graph, *m.layer_graphs, m.head_graph])
         self._check_layer_graphs(layer_sessions)
+        self._warm_up_dense(layer_sessions)
         self._layers = [LayerRunner(s, self._kv.keys[i], self._kv.values[i], self._cos, self._sin)
                         for i, s in enumerate(layer_sessions)]
-        self._warm_up_dense()
         release_freed_memory()
         dense_key = "dense:" + "".join(g.sha256 or "" for g in
                                        [m.embed_graph, *m.layer_graphs, m.head_graph])
@@ -223,12 +223,20 @@ class MoEModel:
                     f"{self.package}: layer {layer}'s graph lacks inputs or outputs "
                     f"{sorted(need - names)}; re-export the package with this version")
 
-    def _warm_up_dense(self) -> None:
-        """One token through every dense graph (no experts; it writes KV position 0, which the
-        first real step overwrites): a session's first run allocates what later runs reuse,
-        and that belongs to the measured dense part."""
+    def _warm_up_dense(self, layer_sessions: list[ort.InferenceSession]) -> None:
+        """One token through every dense graph (no experts): a session's first run allocates
+        what later runs reuse, and that belongs to the measured dense part.
+
+        The layers run on a one-position scratch cache, not the real one: ONNX Runtime's
+        attention writes the whole bound cache when a sequence starts at position 0 (0.97 of
+        its pages), which would count the KV cache in the dense part as well as in its own
+        share of the plan."""
+        d = self.manifest.dims
+        scratch = KVCache(d, 1)
         hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
-        for runner in self._layers:
+        for layer, session in enumerate(layer_sessions):
+            runner = LayerRunner(session, scratch.keys[layer], scratch.values[layer],
+                                 self._cos[:1], self._sin[:1])
             hidden = runner.run(hidden, 0)["residual"]
         self._head.run(None, {"hidden": hidden})
 

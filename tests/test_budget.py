@@ -131,3 +131,28 @@ def test_concurrent_page_ins_are_lossless_and_counted(package, monkeypatch):
     assert s.evictions > 0 and s.misses > 0
     assert s.expert_cache_bytes <= s.expert_cache_capacity
     assert s.bytes_paged_in == s.misses * resident._store.entry(0, 0).length
+
+
+DENSE_PROBE = textwrap.dedent("""
+    import json, sys
+    import mobilemoe
+    model = mobilemoe.load(sys.argv[1], context_length=int(sys.argv[2]), threads=2)
+    print(json.dumps({"dense": model.plan.dense_bytes, "kv": model.plan.kv_bytes}))
+""")
+
+
+def test_the_kv_cache_is_counted_once(tmp_path):
+    """ONNX Runtime's attention writes the whole bound KV cache when a sequence starts at
+    position 0. Loading warms the layer graphs up on a scratch cache: on the real one, the
+    measured dense part would include the KV cache, which the plan counts on its own too."""
+    build_mixtral(tmp_path / "ckpt", hidden_size=256, intermediate_size=256,
+                  num_hidden_layers=2, num_local_experts=4, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=32768)
+    package = export_model(tmp_path / "ckpt", tmp_path / "pkg", progress=False)
+    probe = tmp_path / "probe.py"
+    probe.write_text(DENSE_PROBE)
+    short, long = (json.loads(subprocess.run(
+        [sys.executable, str(probe), str(package), str(context)], capture_output=True,
+        text=True, check=True).stdout) for context in (64, 32768))  # fresh processes
+    assert long["kv"] == 2 * 2 * 8 * 32768 * 32 * 4  # layers, keys + values, heads, C, D, float
+    assert long["dense"] - short["dense"] < 0.1 * long["kv"], (short, long)

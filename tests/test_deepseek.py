@@ -152,3 +152,20 @@ def test_kv_cache_of_latent_attention(tmp_path, mla_cache):
     model.logits(PROMPT[:-4])  # then decode the rest one token at a time
     steps = [model._forward([token], "last")[-1] for token in PROMPT[-4:]]
     np.testing.assert_allclose(np.stack(steps), expected[-4:], rtol=0, atol=5e-5)
+
+
+def test_latent_cache_in_a_mobile_bundle(tmp_path):
+    """Phones are where the latent cache matters most: its graphs convert to ORT format and
+    the bundle gives the package's logits, bit for bit."""
+    from mobilemoe.export.mobile import export_mobile
+
+    from mobilemoe.bundle import load_bundle
+
+    build_checkpoint(tmp_path / "ckpt", ARCHITECTURES["deepseek_v2"].config("tiny"), seed=6)
+    package = export_model(tmp_path / "ckpt", tmp_path / "pkg", mla_cache="latent",
+                           progress=False)
+    bundle = export_mobile(package, tmp_path / "pkg.bundle", ram="8GB")
+    expected = mobilemoe.load(package).logits(PROMPT)
+    phone = load_bundle(bundle)
+    assert phone.manifest.dims.latent_cache_dim == 46
+    assert np.array_equal(phone.logits(PROMPT), expected)
