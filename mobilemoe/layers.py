@@ -15,7 +15,9 @@ class KVCache:
     cache_head_dim). MLA's latent cache is its own values: one array serves as both.
 
     Layer l's graph reads and writes keys[l] and values[l] in place (see `LayerRunner`): a
-    step copies nothing but its own new entries. np.zeros maps pages lazily: RSS grows with use.
+    step copies nothing but its own new entries. np.zeros maps pages lazily, but
+    GroupQueryAttention writes nearly all of a layer's cache at a sequence's first step, so
+    the cache is resident from the first prompt on (the plan reserves all of it).
     """
 
     def __init__(self, dims: ModelDims, context: int):
