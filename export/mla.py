@@ -147,7 +147,7 @@ def _latent_attention(b: GraphBuilder, inp: AttentionInputs, o: AttentionOptions
     c_kv = b.op("Unsqueeze", [c_kv, b.const([1])], f"{path}/c_kv/Unsqueeze")  # [T, 1, L]
     latents = b.op("Concat", [c_kv, k_rope], f"{path}/latent/Concat", axis=-1)  # [T, 1, L+R]
     keys = _append_latents(b, latents, inp, latent + r, path)  # [1, 1, C, W]: the cache
-    ctx = _attend_all_heads(b, q, keys, inp, o.scale, nh, path)  # [T, nh, W]
+    ctx = _attend_all_heads(b, q, keys, inp, o.scale, latent + r, path)  # [T, nh, W]
     ctx = b.op("Slice", [ctx, b.const([0]), b.const([latent]), b.const([2])],
                f"{path}/context/Latent")  # [T, nh, L]
     ctx = per_head(ctx, w_uv, "kv_b_proj/values")  # [T, nh, Dv]
@@ -189,34 +189,30 @@ def _append_latents(b: GraphBuilder, latents: str, inp: AttentionInputs, width: 
 
 
 def _attend_all_heads(b: GraphBuilder, q: str, cache: str, inp: AttentionInputs, scale: float,
-                      nh: int, path: str) -> str:
-    """softmax(q . latents * scale + causal mask) . latents, every head in one matmul over the
-    cache's first `total_length` positions: q [T, nh, L+R] -> [T, nh, W].
+                      width: int, path: str) -> str:
+    """softmax(q . latents * scale + causal mask) . latents over the cache's first
+    `total_length` positions: q [T, nh, L+R] -> [T, nh, W] (W: the cache's padded width).
 
     ONNX Runtime's attention would run each of the nh query heads over the shared cache on its
-    own; here the T * nh queries are the rows of one product, so the cache is read once per
-    product (and once to slice it)."""
+    own; here every head of every token is a row of the same two matrix products, so each
+    reads the cache once."""
     total = b.op("Cast", [inp.total_length], f"{path}/attend/Total", to=TensorProto.INT64)
     total_1d = b.op("Unsqueeze", [total, b.const([0])], f"{path}/attend/Total1D")
     keys = b.op("Slice", [cache, b.const([0]), total_1d, b.const([2])], f"{path}/attend/Keys")
     keys = b.op("Squeeze", [keys, b.const([0, 1])], f"{path}/attend/Squeeze")  # [S, W]
-    w = b.op("Shape", [keys], f"{path}/attend/Width", start=1)  # [W]
-    q_rows = b.op("Reshape", [q, b.op("Concat", [b.const([-1]), b.op(
-        "Shape", [q], f"{path}/attend/QWidth", start=2)], f"{path}/attend/QRowsShape", axis=0)],
-        f"{path}/attend/QRows")  # [T * nh, L+R]
-    q_width = b.op("Shape", [q_rows], f"{path}/attend/QW", start=1)
-    pad = b.op("Sub", [w, q_width], f"{path}/attend/PadBy")
-    pads = b.op("Concat", [b.const([0, 0, 0]), pad], f"{path}/attend/Pads", axis=0)
-    q_rows = b.op("Pad", [q_rows, pads], f"{path}/attend/QPad")  # [T * nh, W]
-    scores = b.op("Gemm", [q_rows, keys], f"{path}/attend/Scores", alpha=float(scale),
+    cache_width = cache_head_dim(width, width)
+    if cache_width > width:  # zeros meet the cache's zero padding
+        q = b.op("Pad", [q, b.const([0, 0, 0, 0, 0, cache_width - width])], f"{path}/attend/QPad")
+    rows = b.op("Reshape", [q, b.const([-1, cache_width])], f"{path}/attend/QRows")  # [T*nh, W]
+    scores = b.op("Gemm", [rows, keys], f"{path}/attend/Scores", alpha=float(scale),
                   transB=1)  # [T * nh, S]
-    count = b.op("Shape", [q], f"{path}/attend/Count", end=1)  # [1]: T
-    scores = b.op("Reshape", [scores, b.op("Concat", [count, b.const([nh, -1])],
-                                           f"{path}/attend/ScoresShape", axis=0)],
-                  f"{path}/attend/ScoresHeads")  # [T, nh, S]
-    first = b.op("Sub", [total, b.op("Squeeze", [count], f"{path}/attend/T")],
-                 f"{path}/attend/First")
-    query_pos = b.op("Range", [first, total, b.const(1)], f"{path}/attend/QueryPos")  # [T]
+    heads = b.op("Concat", [b.op("Shape", [q], f"{path}/attend/Shape", end=2), b.const([-1])],
+                 f"{path}/attend/HeadsShape", axis=0)  # [T, nh, -1]
+    scores = b.op("Reshape", [scores, heads], f"{path}/attend/ScoresHeads")  # [T, nh, S]
+    count = b.op("Squeeze", [b.op("Shape", [q], f"{path}/attend/Count", end=1)],
+                 f"{path}/attend/T")
+    query_pos = b.op("Range", [b.op("Sub", [total, count], f"{path}/attend/First"), total,
+                               b.const(1)], f"{path}/attend/QueryPos")  # [T]
     key_pos = b.op("Range", [b.const(0), total, b.const(1)], f"{path}/attend/KeyPos")  # [S]
     future = b.op("Greater", [key_pos, b.op("Unsqueeze", [query_pos, b.const([1])],
                                             f"{path}/attend/QueryCol")],
@@ -226,10 +222,4 @@ def _attend_all_heads(b: GraphBuilder, q: str, cache: str, inp: AttentionInputs,
     mask = b.op("Unsqueeze", [mask, b.const([1])], f"{path}/attend/MaskHeads")  # [T, 1, S]
     probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{path}/attend/Masked")],
                  f"{path}/attend/Softmax", axis=-1)
-    rows = b.op("Reshape", [probs, b.op("Concat", [b.const([-1]), b.op(
-        "Shape", [keys], f"{path}/attend/S", end=1)], f"{path}/attend/PRowsShape", axis=0)],
-        f"{path}/attend/PRows")  # [T * nh, S]
-    ctx = b.op("MatMul", [rows, keys], f"{path}/attend/Context")  # [T * nh, W]
-    return b.op("Reshape", [ctx, b.op("Concat", [count, b.const([nh]), w],
-                                      f"{path}/attend/ContextShape", axis=0)],
-                f"{path}/attend/ContextHeads")  # [T, nh, W]
+    return b.op("MatMul", [probs, keys], f"{path}/attend/Context")  # [T, nh, W]
