@@ -31,7 +31,7 @@ attention would also read the shared cache once per query head (16 times), so it
 the step's latents in place (run with one query head, its output unused) and the attention
 itself is two matmuls whose rows are all T x nh queries, each reading the cache once. On
 V2-Lite's attention shape (benchmarks/mla_cache.py, docs/PERFORMANCE.md) decoding with the
-latent cache ran ~0.96x as fast as expanded at 64 tokens of context and ~0.73x at 2048. So it is
+latent cache ran ~0.84x as fast as expanded at 64 tokens of context and ~0.73x at 2048. So it is
 opt-in, for when memory is what limits: at 4096 tokens of context DeepSeek-V2-Lite's cache is
 2.7 GB expanded and 0.25 GB latent.
 
