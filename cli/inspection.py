@@ -39,6 +39,7 @@ def inspect_model(package: str, memory_budget: str | None = None, threads: int |
         "attention_heads": d.num_heads,
         "kv_heads": d.num_kv_heads,
         "head_dim": d.head_dim,
+        "latent_cache_dim": d.latent_cache_dim,  # DeepSeek exported with --mla-cache latent
         "vocab_size": d.vocab_size,
         "max_position_embeddings": d.max_position_embeddings,
         "experts": d.num_experts,
@@ -89,7 +90,10 @@ def print_inspection(info: dict[str, Any]) -> None:
                          f"format {info['format_version']}, {info['created_by']}"),
         ("layers", f"{info['layers']} (hidden {info['hidden_size']}, "
                    f"{info['attention_heads']} heads / {info['kv_heads']} KV heads "
-                   f"of {info['head_dim']}, vocab {info['vocab_size']})"),
+                   f"of {info['head_dim']}"
+                   + (f", KV cache of latents of {info['latent_cache_dim']}"
+                      if info["latent_cache_dim"] else "")
+                   + f", vocab {info['vocab_size']})"),
         ("experts", f"{info['experts']} per layer, top-{info['top_k']} "
                     f"({info['router']['scoring']}"
                     f"{', renormalised' if info['router']['normalize_top_k'] else ''}), "

@@ -2,11 +2,14 @@
 own router modules, the RoPE reordering behind multi-head latent attention, and V3's
 `rope_interleave: false`."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from architectures import ARCHITECTURES
 from checkpoints import build_checkpoint, dequantized_reference, reference_logits
+from mobilemoe.cli.main import app
 from mobilemoe.export import export_model
 from mobilemoe.export.architectures import find_spec
 from mobilemoe.export.exporter import routing_settings
@@ -17,6 +20,7 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as modeling_v2
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as modeling_v3
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from typer.testing import CliRunner
 
 import mobilemoe
 from mobilemoe.errors import ExportError
@@ -145,6 +149,8 @@ def test_kv_cache_of_latent_attention(tmp_path, mla_cache):
     assert model._kv.keys.shape == (dims.num_layers, 1, cache["heads"], 64, cache["width"])
     assert (model._kv.values is model._kv.keys) == cache["shared"]
     assert model.stats.kv_cache_bytes == dims.num_layers * 64 * cache["floats"] * 4
+    inspected = CliRunner().invoke(app, ["inspect", str(package), "--json"])
+    assert json.loads(inspected.stdout)["latent_cache_dim"] == cache["latent"]
     expected = reference_logits(dequantized_reference(tmp_path / "ckpt", 8, 8), PROMPT)
     np.testing.assert_allclose(model.logits(PROMPT), expected, rtol=0, atol=5e-5)
     written = np.any(model._kv.keys[:, 0, 0], axis=-1)  # [layers, C]: an entry at a position
