@@ -128,12 +128,13 @@ def test_rope_and_softmax_scale_match_transformers(name, style):
     assert ours.interleaved
 
 
-@pytest.mark.parametrize("mla_cache", ["latent", "expanded"])
-def test_kv_cache_of_latent_attention(tmp_path, mla_cache):
-    """The default caches c_kv and the rope key (kv_lora_rank + qk_rope_head_dim floats per
-    token and layer), once, as keys and values alike; "expanded" every head's key and value.
-    Both give transformers' logits."""
-    config = ARCHITECTURES["deepseek_v2"].config("tiny")
+@pytest.mark.parametrize("name, mla_cache", [("deepseek_v2", "latent"), ("deepseek_v2", "expanded"),
+                                             ("deepseek_v3", "latent")])  # v3: low-rank q
+def test_kv_cache_of_latent_attention(tmp_path, name, mla_cache):
+    """"latent" caches c_kv and the rope key (kv_lora_rank + qk_rope_head_dim floats per token
+    and layer), once, as keys and values alike; "expanded" (the default) every head's key and
+    value. Both give transformers' logits, in a prefill and in decode steps."""
+    config = ARCHITECTURES[name].config("tiny")
     build_checkpoint(tmp_path / "ckpt", config, seed=5)
     package = export_model(tmp_path / "ckpt", tmp_path / "pkg", bits=8, dense_bits=8,
                            accuracy_level=1, mla_cache=mla_cache, progress=False)
