@@ -15,6 +15,7 @@ from mobilemoe.export.architectures import find_spec
 from mobilemoe.export.exporter import routing_settings
 from mobilemoe.export.layout import model_dims
 from mobilemoe.export.mla import deinterleave_rope_rows
+from mobilemoe.export.mobile import export_mobile
 from mobilemoe.export.rope import rope_parameters
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as modeling_v2
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
@@ -23,6 +24,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from typer.testing import CliRunner
 
 import mobilemoe
+from mobilemoe.bundle import load_bundle
 from mobilemoe.errors import ExportError
 from mobilemoe.routing import route
 
@@ -164,10 +166,6 @@ def test_kv_cache_of_latent_attention(tmp_path, name, mla_cache):
 def test_latent_cache_in_a_mobile_bundle(tmp_path):
     """Phones are where the latent cache matters most: its graphs convert to ORT format and
     the bundle gives the package's logits, bit for bit."""
-    from mobilemoe.export.mobile import export_mobile
-
-    from mobilemoe.bundle import load_bundle
-
     build_checkpoint(tmp_path / "ckpt", ARCHITECTURES["deepseek_v2"].config("tiny"), seed=6)
     package = export_model(tmp_path / "ckpt", tmp_path / "pkg", mla_cache="latent",
                            progress=False)
