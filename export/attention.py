@@ -110,7 +110,7 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
 
 
-def _pad_last(b: GraphBuilder, x: str, rank: int, size: int, width: int, path: str) -> str:
+def pad_last(b: GraphBuilder, x: str, rank: int, size: int, width: int, path: str) -> str:
     """Zero-pad the last axis of a rank-`rank` value from `size` to `width`."""
     if size == width:
         return x
@@ -157,7 +157,7 @@ def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: Attenti
     """
     nh, kvh, dk, dv = o.num_heads, o.num_kv_heads, o.head_dim, o.value_head_dim
     width = cache_head_dim(dk, dv)
-    q, k_new, v_new = (_pad_last(b, y, rank, d, width, f"{path}/{name}/Pad") for y, rank, d, name
+    q, k_new, v_new = (pad_last(b, y, rank, d, width, f"{path}/{name}/Pad") for y, rank, d, name
                        in ((q, 4, dk, "q"), (k_new, 3, dk, "k"), (v_new, 3, dv, "v")))
     flat = [b.op("Reshape", [y, b.const([1, -1, n * width])], f"{path}/{name}/Flatten")  # [1,T,.]
             for y, name, n in ((q, "q", nh), (k_new, "k", kvh), (v_new, "v", kvh))]

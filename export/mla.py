@@ -59,6 +59,7 @@ from .attention import (
     AttentionOptions,
     Quantize,
     attention_core,
+    pad_last,
     step_rope_rows,
 )
 from .graphs import GraphBuilder, linear, norm, rope
@@ -177,10 +178,7 @@ def _append_latents(b: GraphBuilder, latents: str, inp: AttentionInputs, width: 
     GroupQueryAttention does the in-place append (see export/attention.py); it is run with one
     query head, the latent itself, whose output is not used: ~1/16 of the attention's work."""
     padded = b.op("Reshape", [latents, b.const([1, -1, width])], f"{path}/latent/Flatten")
-    cache_width = cache_head_dim(width, width)
-    if cache_width > width:
-        padded = b.op("Pad", [padded, b.const([0, 0, 0, 0, 0, cache_width - width])],
-                      f"{path}/latent/Pad")
+    padded = pad_last(b, padded, 3, width, cache_head_dim(width, width), f"{path}/latent/Pad")
     b.op("GroupQueryAttention", [padded, padded, padded, inp.past_key, inp.past_value,
                                  inp.seqlens_k, inp.total_length],
          f"{path}/latent/Append", outputs=[f"{path}/latent/Unused", PRESENT_KEY, PRESENT_VALUE],
@@ -201,8 +199,7 @@ def _attend_all_heads(b: GraphBuilder, q: str, cache: str, inp: AttentionInputs,
     keys = b.op("Slice", [cache, b.const([0]), total_1d, b.const([2])], f"{path}/attend/Keys")
     keys = b.op("Squeeze", [keys, b.const([0, 1])], f"{path}/attend/Squeeze")  # [S, W]
     cache_width = cache_head_dim(width, width)
-    if cache_width > width:  # zeros meet the cache's zero padding
-        q = b.op("Pad", [q, b.const([0, 0, 0, 0, 0, cache_width - width])], f"{path}/attend/QPad")
+    q = pad_last(b, q, 3, width, cache_width, f"{path}/attend/QPad")  # zeros meet the cache's
     rows = b.op("Reshape", [q, b.const([-1, cache_width])], f"{path}/attend/QRows")  # [T*nh, W]
     scores = b.op("Gemm", [rows, keys], f"{path}/attend/Scores", alpha=float(scale),
                   transB=1)  # [T * nh, S]

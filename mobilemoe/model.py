@@ -231,8 +231,7 @@ class MoEModel:
         attention writes the whole bound cache when a sequence starts at position 0 (0.97 of
         its pages), which would count the KV cache in the dense part as well as in its own
         share of the plan."""
-        d = self.manifest.dims
-        scratch = KVCache(d, 1)
+        scratch = KVCache(self.dims, 1)
         hidden = self._embed.run(None, {"input_ids": np.zeros(1, np.int64)})[0]
         for layer, session in enumerate(layer_sessions):
             runner = LayerRunner(session, scratch.keys[layer], scratch.values[layer],
