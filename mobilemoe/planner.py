@@ -37,7 +37,7 @@ import numpy as np
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import LRUPolicy
 from mobilemoe.manifest import Manifest
-from mobilemoe.memory_plan import activation_bytes, kv_cache_bytes, staging_bytes
+from mobilemoe.memory_plan import activation_bytes, kv_cache_bytes, staging_bytes, with_margin
 from mobilemoe.units import parse_bytes
 
 ROUTING_PROFILE = "routing_profile.json"
@@ -358,10 +358,6 @@ def _normal_cdf(z: np.ndarray) -> np.ndarray:
 # -- the plan ---------------------------------------------------------------------------------
 
 
-def _round_up(n: float, to: int = 10_000) -> int:
-    return int(math.ceil(n / to) * to)
-
-
 def expert_session_bytes(figures: PackageFigures) -> int:
     ratio = HELD_RATIO.get(figures.expert_bits, 1.4)
     return int(figures.expert_block_bytes * ratio) + SESSION_OVERHEAD
@@ -400,11 +396,12 @@ def plan(package: str | Path | Manifest, device: Device, budget: int | str | Non
     dense = int(f.dense_graph_bytes * DENSE_HELD_RATIO + (f.num_layers + 2) * DENSE_SESSION_OVERHEAD)
     staging = staging_bytes(f.expert_block_bytes)
     fixed = dense + f.kv_bytes + f.activation_bytes + staging
-    minimum = _round_up((fixed + f.top_k * session) * 1.02)  # 2% margin, as the runtime
-    all_resident = _round_up((fixed + f.experts_total * session) * 1.02)
+    need = fixed + f.top_k * session
+    minimum = with_margin(need)  # what we name has the runtime's margin; it loads from `need`
+    all_resident = with_margin(fixed + f.experts_total * session)
     budget = max(0, recommended_budget(device.ram)) if budget is None else parse_bytes(budget)
-    budget = min(budget, all_resident) if budget >= minimum else budget
-    fits = budget >= minimum
+    fits = budget >= need
+    budget = min(budget, all_resident) if fits else budget
     capacity = max(0, min(f.experts_total, (budget - fixed) // session)) if fits else 0
     probabilities = request_probabilities(f.top_k, frequencies)
     hit = hit_rate(policy, capacity, f.top_k, probabilities) if fits else 0.0

@@ -44,6 +44,15 @@ def package(checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def many_experts(tmp_path_factory) -> Path:
+    """A package whose experts are many next to the minimum budget's margin (~0.7 MB, ~7 of
+    its 64 experts): at that budget most of them must be paged, whatever a process measures."""
+    folder = tmp_path_factory.mktemp("many-experts")
+    build_mixtral(folder / "checkpoint", num_local_experts=32)
+    return export_model(folder / "checkpoint", folder / "many.mmoe", progress=False)
+
+
+@pytest.fixture(scope="module")
 def runner() -> CliRunner:
     return CliRunner()
 
@@ -126,13 +135,13 @@ def test_run_passes_sampling_and_stop_options(runner, package):
     assert result.stdout == expected + "\n" and len(expected) < len(full)
 
 
-def test_run_under_a_paging_budget_as_a_process(package):
-    info = json.loads(cli("inspect", str(package), "--json", "-c", "256").stdout)
-    # The smallest budget inspect names: the top-2 a step needs plus its margin (~2 experts).
-    # Another process measures its resident part within that margin (heap layout moves it by
-    # ~0.2 MB), so between 2 and ~6 of the 8 experts fit: most must be paged.
+def test_run_under_a_paging_budget_as_a_process(many_experts):
+    info = json.loads(cli("inspect", str(many_experts), "--json", "-c", "256").stdout)
+    # The smallest budget inspect names: the top-2 a step needs plus its margin. Another
+    # process measures its resident part within that margin (heap layout moves it by up to
+    # ~0.3 MB), so between 2 and ~10 of the 64 experts fit: most must be paged.
     budget = info["minimum_budget"]
-    done = cli("run", str(package), "The quick brown fox", "-n", "20", "-c", "256",
+    done = cli("run", str(many_experts), "The quick brown fox", "-n", "20", "-c", "256",
                "--threads", "1", "-m", str(budget), "--stats")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "Traceback" not in done.stderr
@@ -290,21 +299,22 @@ def test_the_named_smallest_budget_works(package):
 # -- cache policies -------------------------------------------------------------------------
 
 
-def test_every_cache_policy_pages_and_generates_the_same_text(runner, package, tmp_path):
+def test_every_cache_policy_pages_and_generates_the_same_text(runner, many_experts, tmp_path):
     # Measured and run in fresh processes: RSS-measured sizes depend on the process's heap.
-    info = json.loads(cli("inspect", str(package), "--json", "-c", "256").stdout)
-    budget = info["minimum_budget"]  # 2 to ~6 of 8 experts (as in the test above)
-    profile = write_routing_profile(tmp_path / "profile.json", [[4, 3, 2, 1], [1, 2, 3, 4]])
+    info = json.loads(cli("inspect", str(many_experts), "--json", "-c", "256").stdout)
+    budget = info["minimum_budget"]  # 2 to ~10 of 64 experts (as in the test above)
+    hot_first = list(range(32, 0, -1))
+    profile = write_routing_profile(tmp_path / "profile.json", [hot_first, hot_first[::-1]])
     texts = {}
     for policy in POLICY_NAMES:
         extra = ["--routing-profile", str(profile)] if policy == "pinned" else []
-        result = cli("run", str(package), "The quick brown fox", "-n", "12", "-c", "256",
+        result = cli("run", str(many_experts), "The quick brown fox", "-n", "12", "-c", "256",
                      "-m", str(budget), "--stats", "--policy", policy, *extra)
         assert result.returncode == 0, result.stderr
         assert int(re.search(r"evictions\s+(\d+)", result.stderr).group(1)) > 0
         texts[policy] = result.stdout
     assert len(set(texts.values())) == 1, texts  # what is cached never changes the output
-    chat = runner.invoke(app, ["chat", str(package), "-n", "4", "--policy", "lfu"],
+    chat = runner.invoke(app, ["chat", str(many_experts), "-n", "4", "--policy", "lfu"],
                          input="hello\n/stats\n")
     assert chat.exit_code == 0 and "misses" in chat.stdout, chat.output
 

@@ -147,7 +147,9 @@ def test_hit_rate_model_matches_the_simulated_policy(policy, skew, capacity):
 def test_plans_predict_the_policy_they_are_asked_for(package):
     # below one step's working set LRU never hits; the frequency policies keep a share
     device = Device(ram=16 * GB)
-    budget = plan(package, Device(ram=GB)).minimum_budget
+    small = plan(package, Device(ram=GB))
+    fixed = sum(v for k, v in small.memory.items() if k != "expert_cache")
+    budget = fixed + 4 * small.expert_session_bytes  # 4 experts: a step needs 3 layers x 2
     default, lru = plan(package, device, budget=budget), plan(package, device, budget=budget,
                                                               policy="lru")
     assert default.policy == "dlfu" and lru.policy == "lru"
