@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -142,13 +145,33 @@ def usability_report(model_bytes: bytes, name: str) -> tuple[str, dict[str, str]
             source, optimized = Path(tmp) / "source.onnx", Path(tmp) / name
             onnx.save_model(model, source)
             _optimize_basic(source, optimized)
-            shaped = SymbolicShapeInference.infer_shapes(onnx.load(optimized), auto_merge=True)
+            try:
+                # On an op it cannot infer, the tool saves its partial model to the working
+                # directory (sym_shape_infer_temp.onnx, external data beside it) and raises a
+                # bare Exception: run it from `tmp`, and report the graph as not checked.
+                with _working_directory(tmp):
+                    shaped = SymbolicShapeInference.infer_shapes(onnx.load(optimized),
+                                                                 auto_merge=True)
+            except Exception as e:  # the tool raises nothing more specific
+                return (f"not checked: ONNX Runtime's symbolic shape inference failed on {name} "
+                        f"({e})", {})
             onnx.save_model(shaped, optimized)
             usability_checker.analyze_model(optimized, skip_optimize=True, logger=logger)
     finally:
         logger.removeHandler(handler)
     text = buffer.getvalue().replace(str(optimized), name)
     return text, dict(_SUITABILITY.findall(text))
+
+
+@contextmanager
+def _working_directory(path: str | Path) -> Iterator[None]:
+    """contextlib.chdir, which needs Python 3.11. Process-wide: the exporter is one thread."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _optimize_basic(source: Path, target: Path) -> None:

@@ -18,6 +18,8 @@ from mobilemoe.cli.main import app
 from mobilemoe.export import export_model
 from mobilemoe.export import mobile as mobile_module
 from mobilemoe.export.mobile import BUNDLE_ALIGNMENT, export_mobile
+from mobilemoe.export.ort_format import usability_report
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.tools.reduced_build_config_parser import parse_config
 from typer.testing import CliRunner
 
@@ -206,6 +208,23 @@ def test_usability_report_covers_each_kind_of_graph(bundle, app_manifest):
     report = (bundle / usability["report"]).read_text()
     assert "com.microsoft:MatMulNBits" in report and "CoreML MLProgram" in report
     assert "CPU" in usability["recommendation"]
+
+
+def test_a_graph_shape_inference_cannot_handle_is_reported_unchecked(tmp_path, monkeypatch):
+    # FusedMatMul (com.microsoft) runs in ONNX Runtime, but its symbolic shape inference does
+    # not know it: it used to raise and leave its partial model in the working directory.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft", alpha=2.0)
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph([node], "g", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # valid
+    monkeypatch.chdir(tmp_path)
+    text, verdict = usability_report(model.SerializeToString(), "fused.onnx")
+    assert verdict == {} and text.startswith("not checked:") and "fused.onnx" in text
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_budget_recommendation_follows_the_planner_rule(app_manifest):
