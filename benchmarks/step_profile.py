@@ -9,7 +9,8 @@ decode: loads PKG without a budget, decodes 12 tokens to page the experts a prom
 times 33 more (temperature 1, so some steps still page in: `expert cache` includes that).
 paging: loads PKG with a budget holding `--fraction` of the experts (measured as `compare.py`
 does), decodes 4 tokens, then splits the page-ins of 12 more into reading the block, its
-crc32 (on a second thread, overlapped with the build), and building the session.
+crc32 (on a second thread, overlapped with the build), building the session, evicting and
+malloc_trim (of the page-ins and at each step's end).
 load: times `mobilemoe.load` and its parts, summed over the threads that run them (dense
 sessions, with their checksums; with --fused-experts the experts' reads, stacking and QMoE
 session builds), so parts that overlap add up to more than the wall time.
@@ -81,6 +82,8 @@ def paging(package: str, threads: int, fraction: float) -> None:
     model = mobilemoe.load(package, threads=threads, context_length=1024, memory_budget=budget)
     timed(model._store, "read_unchecked", "read the block", seconds, calls)
     timed(model._store, "check", "crc32 (second thread)", seconds, calls)
+    timed(model._cache, "_remove", "evict (free a session)", seconds, calls)
+    timed(model_module, "release_freed_memory", "malloc_trim", seconds, calls)
     list(model.generate(prompt(length=32), max_new_tokens=4, temperature=1.0, seed=1))
     seconds.clear()
     calls.clear()

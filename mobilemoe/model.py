@@ -128,6 +128,7 @@ class MoEModel:
         self._kv = KVCache(d, self.context_length)
         self._layer_info = m.layers or [LayerInfo() for _ in range(d.num_layers)]
         self._tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
+        self._step_buffer_bytes = buffers  # the running forward step's, estimated
         # Off (None) unless asked for: one {layer: experts [T, k]} per forward chunk.
         self.routing_trace: list[dict[int, np.ndarray]] | None = None
         inv_freq = np.asarray(m.rope.inv_freq, dtype=np.float32)
@@ -326,9 +327,12 @@ class MoEModel:
         return self._held[self._template_of(*key)]
 
     def _load_expert(self, key: tuple[int, int]) -> Loaded:
-        # what this page-in adds, and what the next forward step's buffers may need
+        # What this page-in adds, and what the running step may still allocate. Not the plan's
+        # prefill-sized buffers: a decode step needs ~1 MB of them, and counting 126 MB (OLMoE
+        # shape) made every page-in under a full cache trim, 2 ms each to free ~0.4 MB. The
+        # step's end trims what it freed before the next step, whatever its size, allocates.
         self._trim_if_near_budget(self._held_bytes(key) + self.plan.staging_bytes
-                                  + self.plan.activation_bytes)
+                                  + self._step_buffer_bytes)
         session = self._expert_session(*key)
         self._sample_rss()
         return Loaded(session, self._held_bytes(key), self._store.entry(*key).length)
@@ -408,6 +412,7 @@ class MoEModel:
     def _forward_chunk(self, ids: np.ndarray) -> np.ndarray:
         start = self._kv.length
         end = start + len(ids)
+        self._step_buffer_bytes = activation_bytes(self.dims, len(ids), self.context_length)
         hidden = self._embed.run(None, {"input_ids": ids})[0]
         if self.routing_trace is not None:
             self.routing_trace.append({})

@@ -62,6 +62,25 @@ def test_generation_under_a_tight_budget_is_identical(package):
     assert tight.stats.hits + tight.stats.misses > 0
 
 
+def test_a_page_in_reserves_the_running_steps_buffers(package, monkeypatch):
+    # Not the plan's prefill-sized ones: with a full cache those made every decode page-in
+    # malloc_trim (2 ms with a large heap, to free ~0.4 MB); the step's end trims anyway.
+    resident = mobilemoe.load(package)
+    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
+    reserved = []
+    monkeypatch.setattr(tight, "_trim_if_near_budget", reserved.append)
+    tight.logits(PROMPT)
+    prefill = set(reserved)
+    reserved.clear()
+    list(tight.generate(PROMPT[:1], max_new_tokens=8, temperature=1.0, seed=3))
+    assert reserved, "no page-ins while decoding"
+    page_in = tight.plan.expert_session_bytes + tight.plan.staging_bytes
+    one_token = memory_plan.activation_bytes(tight.dims, 1, tight.context_length)
+    assert set(reserved) == {page_in + one_token}
+    assert prefill == {page_in + memory_plan.activation_bytes(tight.dims, len(PROMPT),
+                                                              tight.context_length)}
+
+
 def test_budget_strings_are_accepted(package):
     minimum = mobilemoe.load(package).plan.minimum_budget
     model = mobilemoe.load(package, memory_budget=f"{minimum / 1e6 + 1:.3f}MB")
