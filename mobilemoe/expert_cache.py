@@ -70,9 +70,13 @@ class Loaded:
 
 class ExpertCache:
     def __init__(self, load: Callable[[Key], Loaded], held_bytes: Callable[[Key], int],
-                 capacity_bytes: int, policy: EvictionPolicy | None = None):
+                 capacity_bytes: int, policy: EvictionPolicy | None = None,
+                 fits: Callable[[int], bool] | None = None):
+        """fits(bytes): whether that many more bytes fit the process's memory as measured
+        now; page-ins evict until it says so too, not only until the count fits."""
         self._load = load
         self._held_bytes = held_bytes
+        self._fits = fits or (lambda needed: True)
         self.capacity_bytes = capacity_bytes
         self.policy = policy or LRUPolicy()
         self._entries: dict[Key, Loaded] = {}
@@ -124,9 +128,9 @@ class ExpertCache:
         # No malloc_trim here (~1 ms with a large heap, a quarter of a page-in): an evicted
         # session's large buffers are mmapped (memory.limit_heap_retention) and go back to
         # the OS when freed; its small ones are reused by the session built next. The
-        # runtime trims once per forward step, and before a page-in that would cross the
-        # budget (MoEModel._trim_if_near_budget).
-        while self.stats.resident_bytes + needed > self.capacity_bytes:
+        # runtime trims once per forward step, and when a page-in would cross the budget
+        # (`fits`, MoEModel._fits_budget).
+        while self.stats.resident_bytes + needed > self.capacity_bytes or not self._fits(needed):
             victim = self.policy.victim(keep)
             if victim is None:
                 break  # only experts the current step needs are left: the plan allows them

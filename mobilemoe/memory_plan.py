@@ -57,11 +57,16 @@ def activation_bytes(dims: ModelDims, chunk: int, context_length: int) -> int:
     # residual stream, norms, q/k/v, outputs, and the heap's slack around them: a 256-token
     # prefill on the OLMoE shape peaked ~95 MB above the resident RSS (VmHWM), this sum ~115 MB
     hidden = 32 * chunk * dims.hidden_size
-    experts = 4 * chunk * dims.intermediate_size * 2  # gate_up and its activations
-    # a layer's expert outputs, all held until they are summed, and each expert's input rows
-    routed = 2 * chunk * dims.top_k * dims.hidden_size
     logits = 2 * dims.vocab_size
-    return (attention + hidden + experts + routed + logits) * FLOAT_BYTES
+    return (attention + hidden + logits) * FLOAT_BYTES + expert_buffer_bytes(dims, chunk)
+
+
+def expert_buffer_bytes(dims: ModelDims, chunk: int) -> int:
+    """One layer's expert intermediates for a chunk of tokens: each expert's input rows, its
+    gate_up and their activations, and the outputs, all held until they are summed."""
+    experts = 4 * chunk * dims.intermediate_size * 2
+    routed = 2 * chunk * dims.top_k * dims.hidden_size
+    return (experts + routed) * FLOAT_BYTES
 
 
 @dataclass(frozen=True)

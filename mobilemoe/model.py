@@ -38,6 +38,7 @@ from mobilemoe.memory import limit_heap_retention, max_rss, release_freed_memory
 from mobilemoe.memory_plan import (
     MemoryPlan,
     activation_bytes,
+    expert_buffer_bytes,
     kv_cache_bytes,
     page_in_threads,
     staging_bytes,
@@ -128,7 +129,8 @@ class MoEModel:
         self._kv = KVCache(d, self.context_length)
         self._layer_info = m.layers or [LayerInfo() for _ in range(d.num_layers)]
         self._tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
-        self._step_buffer_bytes = buffers  # the running forward step's, estimated
+        self._unplanned_bytes = 0  # taken off the expert cache (_hold_back_unplanned_memory)
+        self._expert_buffer_bytes = 0  # the running step's layer's (see _fits_budget)
         # Off (None) unless asked for: one {layer: experts [T, k]} per forward chunk.
         self.routing_trace: list[dict[int, np.ndarray]] | None = None
         inv_freq = np.asarray(m.rope.inv_freq, dtype=np.float32)
@@ -169,7 +171,7 @@ class MoEModel:
                                max(self._held.values()), d.top_k, self.context_length)
         capacity = self.plan.expert_capacity(self.memory_budget)
         self._cache = ExpertCache(self._load_expert, self._held_bytes, capacity,
-                                  policy or policy_by_name(DEFAULT_POLICY))
+                                  policy or policy_by_name(DEFAULT_POLICY), self._fits_budget)
         # Misses are paged in this many at a time, concurrently; never more than the cache holds.
         self._page_in_batch = max(1, min(page_in_threads(largest_block),
                                          capacity // max(self._held.values())))
@@ -327,26 +329,45 @@ class MoEModel:
         return self._held[self._template_of(*key)]
 
     def _load_expert(self, key: tuple[int, int]) -> Loaded:
-        # What this page-in adds, and what the running step may still allocate. Not the plan's
-        # prefill-sized buffers: a decode step needs ~1 MB of them, and counting 126 MB (OLMoE
-        # shape) made every page-in under a full cache trim, 2 ms each to free ~0.4 MB. The
-        # step's end trims what it freed before the next step, whatever its size, allocates.
-        self._trim_if_near_budget(self._held_bytes(key) + self.plan.staging_bytes
-                                  + self._step_buffer_bytes)
         session = self._expert_session(*key)
         self._sample_rss()
         return Loaded(session, self._held_bytes(key), self._store.entry(*key).length)
 
-    def _trim_if_near_budget(self, coming: int) -> None:
-        """malloc_trim before a page-in whose bytes would take RSS past the budget.
+    def _fits_budget(self, coming: int) -> bool:
+        """Whether page-ins holding `coming` bytes fit the budget by RSS now, with their
+        staging and the running layer's expert buffers still to come; the expert cache evicts
+        more until they do.
 
-        Evicted sessions' large buffers go back to the OS when freed (mmapped); their small
-        ones stay in glibc's heap for reuse, a few percent of the budget over a burst of
-        evictions. Trimming after every eviction kept RSS in budget but cost ~1 ms a page-in
-        with a large heap; reading RSS costs ~10 us, so trim only when it matters."""
-        if self.memory_budget is not None and \
-                rss() - self._baseline_rss + coming > self.memory_budget:
+        The plan alone let RSS cross the budget in long prefills under a full cache (OLMoE
+        shape, 256 tokens: VmHWM 11-18 MB over, at 10% and 50% of the experts): sessions
+        built in the loop hold a little more than their calibration, and the heap keeps
+        fragments. With this check, and those fragments taken off the cache at each step's
+        end (_hold_back_unplanned_memory), VmHWM stayed 9-40 MB under. Only an RSS that would
+        cross the budget is trimmed (malloc_trim: 1-2 ms with a large heap)."""
+        if self.memory_budget is None:
+            return True
+        coming += self.plan.staging_bytes + self._expert_buffer_bytes
+        over = rss() - self._baseline_rss + coming - self.memory_budget
+        if over > 0:
             release_freed_memory()
+            over = rss() - self._baseline_rss + coming - self.memory_budget
+        return over <= 0
+
+    def _hold_back_unplanned_memory(self) -> None:
+        """Take what RSS holds beyond the plan off the expert cache, measured at a step's end
+        (trimmed; the step's buffers freed): heap fragments malloc_trim cannot return, and
+        sessions holding more than their calibration said. On the OLMoE shape that grew to
+        50-100 MB over a few hundred page-ins, and a 256-token prefill's buffers then took
+        the process 11-18 MB over its budget. Given back as it shrinks; never below one
+        layer's top-k experts. Adjusts the capacity by the change, so a cap set from
+        outside (`mobilemoe bench --expert-fraction`) stays."""
+        cache, plan = self._cache, self.plan
+        resident = plan.dense_bytes + plan.kv_bytes + cache.stats.resident_bytes
+        unplanned = max(0, rss() - self._baseline_rss - resident)
+        floor = plan.top_k * plan.expert_session_bytes
+        change = min(unplanned - self._unplanned_bytes, max(0, cache.capacity_bytes - floor))
+        cache.capacity_bytes -= change
+        self._unplanned_bytes += change
 
     def _sample_rss(self) -> None:
         self._peak_rss = max(self._peak_rss, rss())
@@ -406,13 +427,15 @@ class MoEModel:
         self._tokens.extend(ids)
         logits = self._head.run(None, {"hidden": np.concatenate(outputs)})[0]
         release_freed_memory()  # this step's buffers, before the next one allocates (µs)
+        if self.memory_budget is not None:
+            self._hold_back_unplanned_memory()
         self._sample_rss()
         return logits
 
     def _forward_chunk(self, ids: np.ndarray) -> np.ndarray:
         start = self._kv.length
         end = start + len(ids)
-        self._step_buffer_bytes = activation_bytes(self.dims, len(ids), self.context_length)
+        self._expert_buffer_bytes = expert_buffer_bytes(self.dims, len(ids))
         hidden = self._embed.run(None, {"input_ids": ids})[0]
         if self.routing_trace is not None:
             self.routing_trace.append({})

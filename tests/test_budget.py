@@ -13,6 +13,7 @@ from mobilemoe.export import export_model
 import mobilemoe
 from mobilemoe import memory_plan
 from mobilemoe.cache_policies import DecayedLFUPolicy
+from mobilemoe.memory import rss
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 300, 12, 8, 77, 91, 160, 3]
 
@@ -62,23 +63,25 @@ def test_generation_under_a_tight_budget_is_identical(package):
     assert tight.stats.hits + tight.stats.misses > 0
 
 
-def test_a_page_in_reserves_the_running_steps_buffers(package, monkeypatch):
-    # Not the plan's prefill-sized ones: with a full cache those made every decode page-in
-    # malloc_trim (2 ms with a large heap, to free ~0.4 MB); the step's end trims anyway.
+def test_memory_outside_the_plan_comes_off_the_expert_cache(package):
+    # Ballast stands for what the plan does not know of (heap fragments, sessions holding
+    # more than their calibration): page-ins must evict by RSS, and the step's end must take
+    # it off the cache's capacity, and give it back once it is gone.
     resident = mobilemoe.load(package)
-    tight = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget)
-    reserved = []
-    monkeypatch.setattr(tight, "_trim_if_near_budget", reserved.append)
-    tight.logits(PROMPT)
-    prefill = set(reserved)
-    reserved.clear()
-    list(tight.generate(PROMPT[:1], max_new_tokens=8, temperature=1.0, seed=3))
-    assert reserved, "no page-ins while decoding"
-    page_in = tight.plan.expert_session_bytes + tight.plan.staging_bytes
-    one_token = memory_plan.activation_bytes(tight.dims, 1, tight.context_length)
-    assert set(reserved) == {page_in + one_token}
-    assert prefill == {page_in + memory_plan.activation_bytes(tight.dims, len(PROMPT),
-                                                              tight.context_length)}
+    expected = resident.logits(PROMPT)
+    held = resident.plan.expert_session_bytes
+    model = mobilemoe.load(package, memory_budget=resident.plan.tightest_budget + 12 * held)
+    model.logits(PROMPT)
+    full = model.stats.expert_cache_capacity
+    assert model.stats.expert_cache_bytes > 6 * held  # most of the 14 that fit are resident
+    room = model.memory_budget - (rss() - model._baseline_rss)
+    ballast = np.ones(room + (2 << 20), np.uint8)  # the budget and 2 MB more, touched
+    assert np.array_equal(model.logits(PROMPT), expected)  # lossless, whatever was evicted
+    assert model.stats.expert_cache_bytes <= 2 * model.plan.top_k * held
+    assert model.stats.expert_cache_capacity == model.plan.top_k * held  # the floor
+    del ballast
+    assert np.array_equal(model.logits(PROMPT), expected)
+    assert model.stats.expert_cache_capacity == full
 
 
 def test_budget_strings_are_accepted(package):

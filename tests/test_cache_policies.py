@@ -162,6 +162,21 @@ def test_keep_is_respected(name):
     assert policy.victim(set()) == first  # keep did not change the order
 
 
+def test_a_page_in_evicts_until_the_process_memory_fits_too():
+    # `fits` stands for the runtime's RSS check: the count alone would keep all three.
+    held = {"a": 1, "b": 1, "c": 1, "d": 1}
+    resident: list[str] = []
+    cache = ExpertCache(lambda key: Loaded(key, 1, 1), held.__getitem__, capacity_bytes=10,
+                        policy=LRUPolicy(), fits=lambda needed: len(cache._entries) + needed <= 2)
+    for key in "abc":
+        cache.get(key)
+        resident.append(sorted(cache._entries))
+    assert resident == [["a"], ["a", "b"], ["b", "c"]]  # "a" went for "c", by memory not count
+    assert cache.stats.evictions == 1
+    assert cache.get_all(["c", "d"], None) == ["c", "d"]  # never evicts what the step asks for
+    assert sorted(cache._entries) == ["c", "d"]
+
+
 # -- pinned ---------------------------------------------------------------------------------
 
 
