@@ -427,7 +427,7 @@ class MoEModel:
         self._tokens.extend(ids)
         logits = self._head.run(None, {"hidden": np.concatenate(outputs)})[0]
         release_freed_memory()  # this step's buffers, before the next one allocates (µs)
-        if self.memory_budget is not None:
+        if self.memory_budget is not None and not self._fused:  # fused: no cache to adjust
             self._hold_back_unplanned_memory()
         self._sample_rss()
         return logits

@@ -2,6 +2,9 @@
 routes as the per-expert path; only float32 sums may round differently."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -108,6 +111,22 @@ def test_fused_experts_refuse_a_budget_that_cannot_hold_every_expert(package):
     tightest = mobilemoe.load(package).plan.tightest_budget
     with pytest.raises(MobileMoEError, match="fused experts need every expert resident"):
         mobilemoe.load(package, memory_budget=tightest, fused_experts=True)
+
+
+def test_fused_experts_under_a_budget_leave_the_cache_capacity_alone(package):
+    # Every expert lives in the QMoE sessions, outside the (unused) expert cache: the memory
+    # they hold is planned, not "unplanned memory" to take off the cache at each step. A new
+    # process, so that RSS holds only this model.
+    probe = textwrap.dedent(f"""
+        import json, mobilemoe
+        model = mobilemoe.load({str(package)!r}, memory_budget="1GB", fused_experts=True)
+        before = model.stats.expert_cache_capacity
+        model.logits({PROMPT!r})
+        print(json.dumps([before, model.stats.expert_cache_capacity]))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    before, after = json.loads(out.stdout)
+    assert after == before
 
 
 def test_fused_experts_refuse_widths_off_the_block(tmp_path):
