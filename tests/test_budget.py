@@ -91,6 +91,20 @@ def test_budget_strings_are_accepted(package):
     assert model.stats.memory_budget == model.memory_budget
 
 
+def test_rss_follows_what_the_process_touches():
+    # rss() reads /proc/self/statm itself (psutil's Python cost ~0.2 ms a call between the
+    # matmuls of a page-in); it must agree with psutil, and see 64 MB arrive and go.
+    import psutil
+
+    process = psutil.Process()
+    assert abs(rss() - process.memory_info().rss) < (1 << 20)
+    before = rss()
+    block = np.ones(64 << 20, np.uint8)
+    assert rss() - before > 60 << 20
+    del block
+    assert rss() - before < 4 << 20
+
+
 RSS_PROBE = textwrap.dedent("""
     import json, sys
     import mobilemoe
