@@ -74,14 +74,15 @@ def test_memory_outside_the_plan_comes_off_the_expert_cache(package):
     model.logits(PROMPT)
     full = model.stats.expert_cache_capacity
     assert model.stats.expert_cache_bytes > 6 * held  # most of the 14 that fit are resident
-    room = model.memory_budget - (rss() - model._baseline_rss)
-    ballast = np.ones(room + (2 << 20), np.uint8)  # the budget and 2 MB more, touched
+    floor = model.plan.top_k * held
+    ballast = np.ones(2 * model.memory_budget, np.uint8)  # twice the budget, touched
     assert np.array_equal(model.logits(PROMPT), expected)  # lossless, whatever was evicted
-    assert model.stats.expert_cache_bytes <= 2 * model.plan.top_k * held
-    assert model.stats.expert_cache_capacity == model.plan.top_k * held  # the floor
+    assert model.stats.expert_cache_bytes <= 2 * floor
+    assert model.stats.expert_cache_capacity == floor  # the least a step needs
     del ballast
     assert np.array_equal(model.logits(PROMPT), expected)
-    assert model.stats.expert_cache_capacity == full
+    # given back (RSS beyond the plan before the ballast, if any, stays held back)
+    assert model.stats.expert_cache_capacity > floor + (full - floor) // 2
 
 
 def test_budget_strings_are_accepted(package):
