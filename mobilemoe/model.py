@@ -346,12 +346,15 @@ class MoEModel:
         cross the budget is trimmed (malloc_trim: 1-2 ms with a large heap)."""
         if self.memory_budget is None:
             return True
-        coming += self.plan.staging_bytes + self._expert_buffer_bytes
-        over = rss() - self._baseline_rss + coming - self.memory_budget
-        if over > 0:
-            release_freed_memory()
-            over = rss() - self._baseline_rss + coming - self.memory_budget
-        return over <= 0
+        room = self.memory_budget - coming - self.plan.staging_bytes - self._expert_buffer_bytes
+
+        def fits() -> bool:
+            return rss() - self._baseline_rss <= room
+
+        if fits():
+            return True
+        release_freed_memory()
+        return fits()
 
     def _hold_back_unplanned_memory(self) -> None:
         """Take what RSS holds beyond the plan off the expert cache, measured at a step's end
