@@ -359,9 +359,9 @@ class MoEModel:
     def _hold_back_unplanned_memory(self) -> None:
         """Take what RSS holds beyond the plan off the expert cache, measured at a step's end
         (trimmed; the step's buffers freed): heap fragments malloc_trim cannot return, and
-        sessions holding more than their calibration said. On the OLMoE shape that grew to
-        50-100 MB over a few hundred page-ins, and a 256-token prefill's buffers then took
-        the process 11-18 MB over its budget. Given back as it shrinks; never below one
+        sessions holding more than their calibration said. On the OLMoE shape ~40 MB after a
+        few hundred page-ins, which a 256-token prefill's buffers then took 11-18 MB over
+        the budget. Given back as it shrinks; never below one
         layer's top-k experts. Adjusts the capacity by the change, so a cap set from
         outside (`mobilemoe bench --expert-fraction`) stays."""
         cache, plan = self._cache, self.plan
