@@ -358,12 +358,14 @@ class MoEModel:
 
     def _hold_back_unplanned_memory(self) -> None:
         """Take what RSS holds beyond the plan off the expert cache, measured at a step's end
-        (trimmed; the step's buffers freed): heap fragments malloc_trim cannot return, and
-        sessions holding more than their calibration said. On the OLMoE shape ~40 MB after a
-        few hundred page-ins, which a 256-token prefill's buffers then took 11-18 MB over
-        the budget. Given back as it shrinks; never below one
-        layer's top-k experts. Adjusts the capacity by the change, so a cap set from
-        outside (`mobilemoe bench --expert-fraction`) stays."""
+        (trimmed; the step's buffers freed). On the OLMoE shape at 10% of the experts: 8 MB
+        after 16-token prompts, 42 MB after 256-token ones, so mostly memory that outlives
+        the longest step (workspaces sized by it; not malloc's arenas: MALLOC_ARENA_MAX=1 or 2
+        held back the same). Uncounted, a 256-token prefill's buffers took the process 11-18
+        MB over the budget. Where the next long step reuses it, this is conservative.
+        Given back as it shrinks; never below one layer's top-k experts. Adjusts the
+        capacity by the change, so a cap set from outside (`mobilemoe bench
+        --expert-fraction`) stays."""
         cache, plan = self._cache, self.plan
         resident = plan.dense_bytes + plan.kv_bytes + cache.stats.resident_bytes
         unplanned = max(0, rss() - self._baseline_rss - resident)
