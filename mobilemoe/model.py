@@ -336,14 +336,10 @@ class MoEModel:
     def _fits_budget(self, coming: int) -> bool:
         """Whether page-ins holding `coming` bytes fit the budget by RSS now, with their
         staging and the running layer's expert buffers still to come; the expert cache evicts
-        more until they do.
-
-        The plan alone let RSS cross the budget in long prefills under a full cache (OLMoE
-        shape, 256 tokens: VmHWM 11-18 MB over, at 10% and 50% of the experts): sessions
-        built in the loop hold a little more than their calibration, and the heap keeps
-        fragments. With this check, and those fragments taken off the cache at each step's
-        end (_hold_back_unplanned_memory), VmHWM stayed 9-40 MB under. Only an RSS that would
-        cross the budget is trimmed (malloc_trim: 1-2 ms with a large heap)."""
+        more until they do. The plan's count alone let long prefills cross the budget (see
+        _hold_back_unplanned_memory); with both, VmHWM stayed 9-40 MB under on the OLMoE
+        shape. Only an RSS that would cross the budget is trimmed (malloc_trim: 1-2 ms with
+        a large heap)."""
         if self.memory_budget is None:
             return True
         room = self.memory_budget - coming - self.plan.staging_bytes - self._expert_buffer_bytes
