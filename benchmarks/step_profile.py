@@ -29,6 +29,7 @@ import numpy as np
 import mobilemoe
 import mobilemoe.model as model_module
 from mobilemoe.bench import budget_for_fraction, plan_in_subprocess
+from mobilemoe.native_experts import NativeExpert
 from mobilemoe.ort_sessions import SessionRunner
 
 
@@ -51,9 +52,9 @@ def prompt(seed: int = 0, length: int = 64) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, 50_000, length)]
 
 
-def decode(package: str, threads: int) -> None:
+def decode(package: str, threads: int, expert_kernel: str = "onnxruntime") -> None:
     seconds, calls = collections.defaultdict(float), collections.Counter()
-    model = mobilemoe.load(package, threads=threads, context_length=1024)
+    model = mobilemoe.load(package, threads=threads, context_length=1024, expert_kernel=expert_kernel)
     for runner in model._layers:
         timed(runner, "run", "layer graphs (with binding)", seconds, calls)
         timed(runner.session, "run_with_iobinding", "layer graphs (ONNX Runtime)", seconds, calls)
@@ -64,6 +65,7 @@ def decode(package: str, threads: int) -> None:
     timed(model._cache, "get", "expert cache", seconds, calls)
     list(model.generate(prompt(), max_new_tokens=12, temperature=1.0, seed=1))
     timed(SessionRunner, "__call__", "expert sessions", seconds, calls)
+    timed(NativeExpert, "__call__", "expert sessions", seconds, calls)
     seconds.clear()
     calls.clear()
     start = time.perf_counter()
@@ -75,11 +77,12 @@ def decode(package: str, threads: int) -> None:
               f"  {s / calls[label] * 1e6:8.0f} us/call")
 
 
-def paging(package: str, threads: int, fraction: float) -> None:
-    budget = budget_for_fraction(plan_in_subprocess(package, threads, 1024), fraction)
+def paging(package: str, threads: int, fraction: float, expert_kernel: str = "onnxruntime") -> None:
+    budget = budget_for_fraction(plan_in_subprocess(package, threads, 1024, expert_kernel), fraction)
     seconds, calls = collections.defaultdict(float), collections.Counter()
     timed(model_module, "create_session_with_weights", "build the session", seconds, calls)
-    model = mobilemoe.load(package, threads=threads, context_length=1024, memory_budget=budget)
+    model = mobilemoe.load(package, threads=threads, context_length=1024, memory_budget=budget,
+                           expert_kernel=expert_kernel)
     timed(model._store, "read_unchecked", "read the block", seconds, calls)
     timed(model._store, "check", "crc32 (second thread)", seconds, calls)
     timed(model._cache, "_remove", "evict (free a session)", seconds, calls)
@@ -125,11 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.25, help="paging: share of experts cached")
     p.add_argument("--fused-experts", action="store_true", help="load: with fused experts")
+    p.add_argument("--expert-kernel", default="onnxruntime", help="onnxruntime or native")
     a = p.parse_args(argv)
     if a.what == "decode":
-        decode(a.package, a.threads)
+        decode(a.package, a.threads, a.expert_kernel)
     elif a.what == "paging":
-        paging(a.package, a.threads, a.fraction)
+        paging(a.package, a.threads, a.fraction, a.expert_kernel)
     else:
         load(a.package, a.threads, a.fused_experts)
 

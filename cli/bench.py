@@ -56,6 +56,10 @@ def bench(
         "--fused-experts",
         help="Each layer's experts in one QMoE kernel, all resident (lossy: float32 "
              "rounding differs from the default path).")] = False,
+    expert_kernel: Annotated[str, typer.Option(
+        "--expert-kernel", metavar="KERNEL",
+        help="What computes the experts: onnxruntime (a session per expert) or native "
+             "(mobilemoe's int4 kernel on the block as read; experimental).")] = "onnxruntime",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Measure prefill and decode speed, expert paging and peak memory of a package."""
@@ -68,7 +72,7 @@ def bench(
                            context_length=context_length, preload=preload, seed=seed,
                            temperature=temperature,
                            policy=policy_for_package(policy, package, routing_profile),
-                           fused_experts=fused_experts)
+                           fused_experts=fused_experts, expert_kernel=expert_kernel)
     if as_json:
         typer.echo(result.to_json())
     else:

@@ -40,6 +40,7 @@ import numpy as np
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.expert_cache import EvictionPolicy
 from mobilemoe.model import MoEModel, load
+from mobilemoe.native_experts import NativeExpert
 from mobilemoe.ort_sessions import SessionRunner, default_threads
 from mobilemoe.units import parse_bytes
 
@@ -95,6 +96,7 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     policy: str = "DecayedLFUPolicy"  # the expert cache's eviction policy (its class)
     fused_experts: bool = False  # each layer's experts ran as one QMoE kernel
+    expert_kernel: str = "onnxruntime"  # what computed the experts (MoEModel.expert_kernel)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +129,8 @@ class _Probe:
             for method in ("run", "run_with_iobinding"):  # layer graphs run with an IO binding
                 self._patch(session_class, method, self._timed_session(getattr(session_class, method),
                                                                       dense_ids))
-            self._patch(SessionRunner, "__call__", self._timed(SessionRunner.__call__, "experts"))
+            for runner in (SessionRunner, NativeExpert):
+                self._patch(runner, "__call__", self._timed(runner.__call__, "experts"))
             self.available["dense"] = self.available["experts"] = True
         store = getattr(model, "_store", None)
         # A page-in reads with `read_unchecked` (the crc32 runs on another thread, overlapped
@@ -221,19 +224,22 @@ def weight_bytes_per_token(model: MoEModel) -> int:
     return sum(g.size for g in m.layer_graphs) + m.head_graph.size + routed + row
 
 
-def plan_in_subprocess(path: str | Path, threads: int, context_length: int) -> dict[str, int]:
+def plan_in_subprocess(path: str | Path, threads: int, context_length: int,
+                       expert_kernel: str = "onnxruntime") -> dict[str, int]:
     """The memory plan of a package, measured by loading it in a fresh process (so that this
     process's baseline is not raised by a load it only did to plan)."""
     code = (
         "import json, sys, mobilemoe\n"
         "from mobilemoe.fused_experts import LAYERS_BUILT_AT_ONCE\n"
-        "m = mobilemoe.load(sys.argv[1], threads=int(sys.argv[2]), context_length=int(sys.argv[3]))\n"
+        "m = mobilemoe.load(sys.argv[1], threads=int(sys.argv[2]), context_length=int(sys.argv[3]),\n"
+        "                   expert_kernel=sys.argv[4])\n"
         "p = m.plan\n"
         "print(json.dumps({'fixed': p.fixed_bytes, 'session': p.expert_session_bytes,\n"
         "                  'minimum': p.minimum_budget, 'experts': len(m.manifest.experts),\n"
         "                  'fused': m.fused_experts_bytes(LAYERS_BUILT_AT_ONCE)}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(context_length)],
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(context_length),
+                           expert_kernel],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise MobileMoEError(f"planning the budget failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -273,7 +279,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
               warmup: int = 1, expert_fraction: float | None = None,
               context_length: int | None = None, preload: bool | None = None,
               seed: int = 0, temperature: float = 0.0,
-              policy: EvictionPolicy | None = None, fused_experts: bool = False) -> BenchResult:
+              policy: EvictionPolicy | None = None, fused_experts: bool = False,
+              expert_kernel: str = "onnxruntime") -> BenchResult:
     """Benchmark the package at `path` (see the module docstring).
 
     memory_budget: as for `mobilemoe.load`; or expert_fraction: the budget whose expert cache
@@ -285,6 +292,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     samples nearly uniform tokens from such a model, so routes keep changing.
     policy: the expert cache's eviction policy, as for `mobilemoe.load` (default decayed LFU).
     fused_experts: as for `mobilemoe.load` (every expert resident, one QMoE kernel per layer).
+    expert_kernel: as for `mobilemoe.load` ("onnxruntime" or "native").
     """
     if prompt_tokens < 1 or new_tokens < 0 or repeats < 1 or warmup < 0:
         raise MobileMoEError("need prompt_tokens >= 1, new_tokens >= 0, repeats >= 1, warmup >= 0")
@@ -295,13 +303,14 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     notes = []
     if expert_fraction is not None:
         memory_budget = budget_for_fraction(
-            plan_in_subprocess(path, threads, context_length), expert_fraction, fused_experts)
+            plan_in_subprocess(path, threads, context_length, expert_kernel), expert_fraction,
+            fused_experts)
     budget = None if memory_budget is None else parse_bytes(memory_budget)
 
     load_before = _load_average()
     start = time.perf_counter()
     model = load(path, memory_budget=budget, threads=threads, context_length=context_length,
-                 policy=policy, fused_experts=fused_experts)
+                 policy=policy, fused_experts=fused_experts, expert_kernel=expert_kernel)
     load_seconds = time.perf_counter() - start
     probe = _Probe(model)
     try:
@@ -361,7 +370,8 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
             weight_bytes_per_token=weight_bytes_per_token(model),
             baseline_rss=stats.baseline_rss, peak_rss=stats.peak_rss, max_rss=stats.max_rss,
             load_average=(load_before, _load_average()), notes=notes,
-            policy=type(model._cache.policy).__name__, fused_experts=model.fused_experts)
+            policy=type(model._cache.policy).__name__, fused_experts=model.fused_experts,
+            expert_kernel=model.expert_kernel)
     finally:
         probe.close()
         model.close()

@@ -3,7 +3,8 @@
 One forward step over T tokens (prefill: the whole prompt, in chunks; decode: one token):
 
     embed ─> for each layer: dense graph (attention + KV cache + router logits)
-                             ─> route ─> experts from the cache (tokens grouped by expert),
+                             ─> route ─> experts from the cache (tokens grouped by expert;
+                                         mobilemoe's int4 kernel or ONNX Runtime sessions),
                                          or all of a layer's experts in one QMoE kernel
                                          (`fused_experts`, everything resident)
                              ─> residual + weighted expert outputs
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobilemoe import native_experts
 from mobilemoe.cache_policies import DEFAULT_POLICY, policy_by_name
 from mobilemoe.errors import MobileMoEError, PackageError
 from mobilemoe.expert_cache import EvictionPolicy, ExpertCache, Loaded
@@ -43,6 +45,7 @@ from mobilemoe.memory_plan import (
     page_in_threads,
     staging_bytes,
 )
+from mobilemoe.native_experts import NativeExpert
 from mobilemoe.ort_sessions import (
     SessionRunner,
     create_session,
@@ -103,7 +106,8 @@ def _remember(key: str, measured: int) -> int:
 class MoEModel:
     def __init__(self, package: Path, memory_budget: int | str | None = None,
                  threads: int | None = None, context_length: int | None = None,
-                 policy: EvictionPolicy | None = None, fused_experts: bool = False):
+                 policy: EvictionPolicy | None = None, fused_experts: bool = False,
+                 expert_kernel: str = "onnxruntime"):
         self.package = Path(package)
         self.manifest = m = Manifest.load(self.package)
         self.dims = d = m.dims
@@ -113,6 +117,9 @@ class MoEModel:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         threads = threads or default_threads()
         use_threads(threads)
+        self._native_templates = self._native_kernel_templates(expert_kernel)
+        if self._native_templates:
+            native_experts.use_threads(threads)
         warm_up()
         # numpy maps in code and tables the first time the routing code runs (~2 MB): that
         # belongs to the process baseline, not to this model.
@@ -191,6 +198,35 @@ class MoEModel:
     def fused_experts(self) -> bool:
         return bool(self._fused)
 
+    @property
+    def expert_kernel(self) -> str:
+        """What computes the experts: "native" (mobilemoe's int4 kernel), "onnxruntime"
+        (a session per expert) or "qmoe" (`fused_experts`)."""
+        if self._fused:
+            return "qmoe"
+        return "native" if self._native_templates else "onnxruntime"
+
+    def _native_kernel_templates(self, kernel: str) -> set[str]:
+        """The expert templates mobilemoe's own kernel computes (mobilemoe.native_experts):
+        with "native", every one, or a clear error saying why it cannot."""
+        if kernel not in native_experts.KERNELS:
+            raise MobileMoEError(f"expert kernel must be one of {', '.join(native_experts.KERNELS)}, "
+                                 f"got {kernel!r}")
+        if kernel == "onnxruntime":
+            return set()
+        m = self.manifest
+        reason = native_experts.unavailable_reason()
+        if reason is None and not all(native_experts.supports(t, m.dims, m.quantization)
+                                      for t in m.templates.values()):
+            q = m.quantization
+            reason = (f"it computes int4 SiLU experts at block 64 and accuracy level 4; this "
+                      f"{m.model_type} package has {q.expert_bits}-bit experts at block "
+                      f"{q.block_size}, accuracy level {q.accuracy_level}")
+        if reason:
+            raise MobileMoEError(f"the native expert kernel cannot run this package: {reason}; "
+                                 "use the onnxruntime kernel")
+        return set(m.templates)
+
     # -- loading ----------------------------------------------------------------------------
 
     def _read_graph(self, ref: FileRef) -> bytes:
@@ -242,13 +278,17 @@ class MoEModel:
             hidden = runner.run(hidden, 0)["residual"]
         self._head.run(None, {"hidden": hidden})
 
-    def _expert_session(self, layer: int, expert: int) -> SessionRunner:
-        """Read, check and build one expert. The crc32 runs on another thread while ONNX
-        Runtime builds the session (both release the GIL): a page-in costs the longer of the
-        two, not their sum. A block that fails its check is dropped before anything runs."""
+    def _expert_session(self, layer: int, expert: int) -> SessionRunner | NativeExpert:
+        """Read, check and build one expert. The native kernel computes from the block as
+        read. For an ONNX Runtime session, the crc32 runs on another thread while the session
+        is built (both release the GIL): a page-in costs the longer of the two, not their
+        sum. A block that fails its check is dropped before anything runs."""
         block = self._store.read_unchecked(layer, expert)
-        check = self._checker.submit(self._store.check, layer, expert, block)
         arrays = self._store.views(layer, expert, block)
+        if self._template_of(layer, expert) in self._native_templates:
+            self._store.check(layer, expert, block)
+            return NativeExpert(arrays)
+        check = self._checker.submit(self._store.check, layer, expert, block)
         try:
             session = create_session_with_weights(self._templates[self._template_of(layer, expert)],
                                                   list(arrays), list(arrays.values()))
@@ -308,9 +348,11 @@ class MoEModel:
         return self._store.entry(layer, expert).template
 
     def _calibrate(self, template: str) -> int:
-        """Bytes one expert session of `template` holds, measured: ONNX Runtime prepacks the
-        weights into its own layout, which for int4 is larger than the bytes on disk."""
-        key = f"template:{self.manifest.templates[template].graph.sha256}"
+        """Bytes one expert of `template` holds, measured: ONNX Runtime prepacks the weights
+        into its own layout, which for int4 is larger than the bytes on disk; the native
+        kernel holds the block as read."""
+        kernel = "native" if template in self._native_templates else "onnxruntime"
+        key = f"template:{kernel}:{self.manifest.templates[template].graph.sha256}"
         if key in _MEASURED:
             return _MEASURED[key]
         block = self.manifest.templates[template].block_bytes
@@ -390,7 +432,7 @@ class MoEModel:
         one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
         outputs = {}
 
-        def run(expert: int, session: SessionRunner) -> None:
+        def run(expert: int, session: SessionRunner | NativeExpert) -> None:
             rows = groups[expert][0]
             outputs[expert] = session({"x": x if one else x[rows]})[0]  # [n, H]
 
@@ -588,11 +630,14 @@ class MoEModel:
 
 def load(path: str | Path, memory_budget: int | str | None = None, threads: int | None = None,
          context_length: int | None = None, policy: EvictionPolicy | None = None,
-         fused_experts: bool = False) -> MoEModel:
+         fused_experts: bool = False, expert_kernel: str = "onnxruntime") -> MoEModel:
     """Load a mobilemoe package to run within `memory_budget` ("4GB", "512MiB", bytes; None
     for no limit) with `threads` compute threads (default: physical cores).
 
     fused_experts: run each layer's experts in one QMoE kernel, all resident (faster decode;
-    lossy: float32 sums in another order, see mobilemoe.fused_experts)."""
+    lossy: float32 sums in another order, see mobilemoe.fused_experts).
+    expert_kernel: "onnxruntime" (a session per expert) or "native" (mobilemoe's int4 kernel
+    on the block as read: page-ins without a session build; experimental, see
+    mobilemoe.native_experts)."""
     return MoEModel(Path(path).expanduser(), memory_budget, threads, context_length, policy,
-                    fused_experts)
+                    fused_experts, expert_kernel)

@@ -1,0 +1,328 @@
+/* SiLU-gated int4 experts computed straight from the bytes of the expert store.
+ *
+ * An expert block as exported for ONNX Runtime's MatMulNBits (4 bits, blocks of 64 along the
+ * input, one float32 scale per block, no zero points: a weight is (nibble - 8) * scale; a
+ * byte holds two neighbours, the even one in its low nibble) is used as read: no session to
+ * build, nothing repacked, so a page-in costs a read. The arithmetic is MatMulNBits' at
+ * accuracy level 4: activations quantized to int8 per block of 64 (scale max|x| / 127,
+ * rounded to nearest even), int8 dot products (AVX-512 VNNI), float32 per-block scaling.
+ *
+ * Every output element is computed by one thread through the same sequence of operations
+ * whatever the number of tokens, rows or threads, so results are bit-identical between a
+ * one-token step and a prompt, and between budgets.
+ *
+ * Used through ctypes (mobilemoe/native_experts.py): plain C, no Python API.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#else
+#error "q4_experts.c needs x86-64 (AVX-512 VNNI); other machines run experts on ONNX Runtime"
+#endif
+
+#define BLK 64          /* weights per quantization block */
+#define BLK_BYTES 32    /* int4 */
+#define ROWS 4          /* output rows computed together (one activation load serves four) */
+#define AHEAD_GROUPS 4  /* software prefetch distance, in groups of ROWS rows (measured: 4-16
+                           alike; none: 9.5 instead of 14.5 GB/s from DRAM on two threads) */
+
+int mm_cpu_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* Activations of T tokens, int8 per block: [T, nb * 64] with each block's even elements
+   first and odd ones second (the order of its weights' low and high nibbles), the scales
+   [T, nb], and corr = 8 * scale * sum(q) per block (for the nibbles' offset of 8). */
+typedef struct {
+  int8_t* q;
+  float* scale;
+  float* corr;
+  int nb;
+} quantized;
+
+/* x [k] -> one row of q (k padded with zeros to whole blocks). */
+static void quantize_row(const float* x, int k, const quantized* a, int t) {
+  int8_t* q = a->q + (size_t)t * a->nb * BLK;
+  for (int b = 0; b < a->nb; ++b) {
+    float block[BLK] = {0};
+    const int n = k - b * BLK < BLK ? k - b * BLK : BLK;
+    memcpy(block, x + b * BLK, (size_t)n * sizeof(float));
+    float amax = 0.f;
+    for (int i = 0; i < BLK; ++i) amax = fmaxf(amax, fabsf(block[i]));
+    const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < BLK / 2; ++i) {
+      const int even = (int)nearbyintf(block[2 * i] * inverse);
+      const int odd = (int)nearbyintf(block[2 * i + 1] * inverse);
+      q[b * BLK + i] = (int8_t)even;
+      q[b * BLK + BLK / 2 + i] = (int8_t)odd;
+      sum += even + odd;
+    }
+    a->scale[(size_t)t * a->nb + b] = scale;
+    a->corr[(size_t)t * a->nb + b] = 8.f * scale * (float)sum;
+  }
+}
+
+/* y[t, n + r] for r < NR rows and t0 <= t < t0 + TT tokens. NR and TT are constants at every
+   call, so the loops unroll; each (row, token) pair sees the same operations in any tile. */
+static inline __attribute__((always_inline)) KERNEL void tile(
+    const uint8_t* w, const float* sw, const quantized* a, int n, int t0, float* y, int ldy,
+    const int NR, const int TT, int rows_total) {
+  const int nb = a->nb;
+  const size_t rb = (size_t)nb * BLK_BYTES;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint8_t* w0 = w + (size_t)n * rb;
+  const float* s0 = sw + (size_t)n * nb;
+  const int ahead = n + ROWS * AHEAD_GROUPS + NR <= rows_total;
+  for (int b = 0; b < nb; ++b) {
+    if (ahead && !(b & 1))  /* one cache line holds two blocks of a row */
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch((const char*)(w0 + (ROWS * AHEAD_GROUPS + r) * rb + b * BLK_BYTES), _MM_HINT_T0);
+    __m512i v[ROWS];
+    for (int r = 0; r < NR; ++r) {  /* 32 bytes -> 64 nibbles: low ones, then high ones */
+      const __m256i raw = _mm256_loadu_si256((const __m256i*)(w0 + r * rb + b * BLK_BYTES));
+      v[r] = _mm512_and_si512(
+          _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), low);
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m512i q = _mm512_loadu_si512((const void*)(a->q + ((size_t)(t0 + t) * nb + b) * BLK));
+      const float sa = a->scale[(size_t)(t0 + t) * nb + b];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[r], q);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s0[r * nb + b] * sa),
+                                    acc[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    const float* corr = a->corr + (size_t)(t0 + t) * nb;
+    for (int r = 0; r < NR; ++r) {
+      float offset = 0.f;
+      for (int b = 0; b < nb; ++b) offset += s0[r * nb + b] * corr[b];
+      y[(size_t)(t0 + t) * ldy + n + r] = _mm512_reduce_add_ps(acc[r][t]) - offset;
+    }
+  }
+}
+
+#define TILES(NR)                                                                            \
+  static KERNEL void tiles_##NR(const uint8_t* w, const float* sw, const quantized* a, int n, \
+                                int T, float* y, int ldy, int rows_total) {                  \
+    int t = 0;                                                                               \
+    for (; t + 4 <= T; t += 4) tile(w, sw, a, n, t, y, ldy, NR, 4, rows_total);              \
+    switch (T - t) {                                                                         \
+      case 3: tile(w, sw, a, n, t, y, ldy, NR, 3, rows_total); break;                        \
+      case 2: tile(w, sw, a, n, t, y, ldy, NR, 2, rows_total); break;                        \
+      case 1: tile(w, sw, a, n, t, y, ldy, NR, 1, rows_total); break;                        \
+    }                                                                                        \
+  }
+TILES(1)
+TILES(2)
+TILES(3)
+TILES(4)
+
+/* y[:, n0..n1) = a @ W[n0..n1)^T, W [rows_total, nb * 32 bytes], y [T, ldy]. */
+static void matmul_rows(const uint8_t* w, const float* sw, const quantized* a, int T, int n0,
+                        int n1, float* y, int ldy, int rows_total) {
+  int n = n0;
+  for (; n + ROWS <= n1; n += ROWS) tiles_4(w, sw, a, n, T, y, ldy, rows_total);
+  switch (n1 - n) {
+    case 3: tiles_3(w, sw, a, n, T, y, ldy, rows_total); break;
+    case 2: tiles_2(w, sw, a, n, T, y, ldy, rows_total); break;
+    case 1: tiles_1(w, sw, a, n, T, y, ldy, rows_total); break;
+  }
+}
+
+/* ---- persistent workers ----------------------------------------------------------------
+   A job is split into as many parts as threads, and every thread, the caller included, claims
+   parts until none is left: a worker that is not scheduled in time (ONNX Runtime's pool spins
+   on the other cores after its own work) costs speed, never a wait. Which thread computes a
+   part does not change its result. Between jobs the workers spin briefly (an expert's jobs
+   follow each other within microseconds), then sleep. */
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 4000 /* _mm_pause()s, ~0.1-0.2 ms */
+
+typedef void (*job_fn)(void* job, int part, int parts);
+
+static struct {
+  int threads;
+  _Atomic unsigned generation;
+  _Atomic int next_part; /* the next part to claim */
+  _Atomic int done;      /* parts finished */
+  job_fn fn;
+  void* job;
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  int sleepers;
+} pool = {.threads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static void run_parts(void) {
+  for (int part; (part = atomic_fetch_add(&pool.next_part, 1)) < pool.threads;) {
+    pool.fn(pool.job, part, pool.threads);
+    atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+  }
+}
+
+static void* worker_main(void* arg) {
+  (void)arg;
+  unsigned seen = atomic_load(&pool.generation);
+  for (;;) {
+    unsigned now;
+    for (int spins = 0; (now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen
+                        && spins < SPIN_ROUNDS; ++spins)
+      _mm_pause();
+    if (now == seen) {
+      pthread_mutex_lock(&pool.lock);
+      ++pool.sleepers;
+      while ((now = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+      --pool.sleepers;
+      pthread_mutex_unlock(&pool.lock);
+    }
+    seen = now;
+    run_parts();
+  }
+  return NULL;
+}
+
+/* The number of threads (the caller's included), once per process: 0 on success or if it is
+   already `threads`, else the number already set (or -1 if threads could not start). */
+int mm_set_threads(int threads) {
+  static pthread_mutex_t once = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&once);
+  int result = 0;
+  if (pool.threads != threads) {
+    if (pool.threads > 1 || threads < 1 || threads > MAX_THREADS) {
+      result = pool.threads;
+    } else {
+      for (int t = 1; t < threads && result == 0; ++t) {
+        pthread_t worker;
+        if (pthread_create(&worker, NULL, worker_main, NULL) != 0) result = -1;
+        else pthread_detach(worker);
+      }
+      if (result == 0) pool.threads = threads;
+    }
+  }
+  pthread_mutex_unlock(&once);
+  return result;
+}
+
+static pthread_mutex_t running = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+
+static void run_parallel(job_fn fn, void* job) {
+  if (pool.threads == 1) {
+    fn(job, 0, 1);
+    return;
+  }
+  pool.fn = fn;
+  pool.job = job;
+  atomic_store(&pool.done, 0);
+  atomic_store(&pool.next_part, 0);
+  atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+  pthread_mutex_lock(&pool.lock);
+  if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
+  pthread_mutex_unlock(&pool.lock);
+  run_parts();
+  while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.threads) _mm_pause();
+}
+
+/* ---- one expert: y = down(silu(gate(x)) * up(x)) ---------------------------------------- */
+
+typedef struct {
+  const uint8_t *gate_up, *down;
+  const float *gate_up_scales, *down_scales;
+  int hidden, inter, T;
+  const float* x;
+  float *h, *y;  /* h [T, 2 * inter]: gate outputs, then up outputs */
+  quantized qx, qh;
+} expert_job;
+
+static void part_of(int n, int part, int parts, int* begin, int* end) {
+  *begin = (int)((long)n * part / parts);
+  *end = (int)((long)n * (part + 1) / parts);
+}
+
+static void quantize_input(void* p, int part, int parts) {
+  expert_job* j = p;
+  int begin, end;
+  part_of(j->T, part, parts, &begin, &end);
+  for (int t = begin; t < end; ++t) quantize_row(j->x + (size_t)t * j->hidden, j->hidden, &j->qx, t);
+}
+
+/* Row groups of ROWS go to the parts whole, so that no thread's rows depend on another's. */
+static void gate_up(void* p, int part, int parts) {
+  expert_job* j = p;
+  const int rows = 2 * j->inter, groups = (rows + ROWS - 1) / ROWS;
+  int begin, end;
+  part_of(groups, part, parts, &begin, &end);
+  matmul_rows(j->gate_up, j->gate_up_scales, &j->qx, j->T, begin * ROWS,
+              end * ROWS < rows ? end * ROWS : rows, j->h, rows, rows);
+}
+
+/* silu(gate) * up, over the gate half, then quantized for the down projection. */
+static void activate(void* p, int part, int parts) {
+  expert_job* j = p;
+  int begin, end;
+  part_of(j->T, part, parts, &begin, &end);
+  for (int t = begin; t < end; ++t) {
+    float* g = j->h + (size_t)t * 2 * j->inter;
+    const float* u = g + j->inter;
+    for (int i = 0; i < j->inter; ++i) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    quantize_row(g, j->inter, &j->qh, t);
+  }
+}
+
+static void down(void* p, int part, int parts) {
+  expert_job* j = p;
+  const int rows = j->hidden, groups = (rows + ROWS - 1) / ROWS;
+  int begin, end;
+  part_of(groups, part, parts, &begin, &end);
+  matmul_rows(j->down, j->down_scales, &j->qh, j->T, begin * ROWS,
+              end * ROWS < rows ? end * ROWS : rows, j->y, rows, rows);
+}
+
+/* x [T, hidden] -> y [T, hidden], with gate_up [2 * inter, ceil(hidden / 64) * 32 bytes]
+   (gate rows, then up rows) and its scales [2 * inter, ceil(hidden / 64)], down
+   [hidden, ceil(inter / 64) * 32 bytes] and its scales [hidden, ceil(inter / 64)].
+   Returns 0, or -1 when out of memory. Calls are serialized: the workers serve one at a time. */
+int mm_q4_silu_expert(const uint8_t* gate_up_weights, const float* gate_up_scales,
+                      const uint8_t* down_weights, const float* down_scales, int hidden,
+                      int inter, int T, const float* x, float* y) {
+  const int nbx = (hidden + BLK - 1) / BLK, nbh = (inter + BLK - 1) / BLK;
+  const size_t floats = (size_t)T * (2 * (size_t)inter + 2 * nbx + 2 * nbh);
+  const size_t bytes = floats * sizeof(float) + (size_t)T * (nbx + nbh) * BLK + 64;
+  char* scratch = malloc(bytes);
+  if (!scratch) return -1;
+  float* f = (float*)scratch;
+  expert_job j = {
+      .gate_up = gate_up_weights, .down = down_weights, .gate_up_scales = gate_up_scales,
+      .down_scales = down_scales, .hidden = hidden, .inter = inter, .T = T, .x = x, .h = f, .y = y,
+  };
+  f += (size_t)T * 2 * inter;
+  j.qx = (quantized){.scale = f, .corr = f + (size_t)T * nbx, .nb = nbx};
+  f += (size_t)T * 2 * nbx;
+  j.qh = (quantized){.scale = f, .corr = f + (size_t)T * nbh, .nb = nbh};
+  f += (size_t)T * 2 * nbh;
+  j.qx.q = (int8_t*)f;
+  j.qh.q = j.qx.q + (size_t)T * nbx * BLK;
+
+  pthread_mutex_lock(&running);
+  if (T == 1) quantize_input(&j, 0, 1); else run_parallel(quantize_input, &j);
+  run_parallel(gate_up, &j);
+  if (T == 1) activate(&j, 0, 1); else run_parallel(activate, &j);
+  run_parallel(down, &j);
+  pthread_mutex_unlock(&running);
+  free(scratch);
+  return 0;
+}

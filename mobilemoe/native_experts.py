@@ -1,0 +1,117 @@
+"""Experts computed by mobilemoe's own int4 kernel, straight from the bytes read from the store.
+
+An ONNX Runtime expert session must prepack its weights when it is built, and that build
+(2.0-2.6 ms per MB) is most of what a page-in costs; the prepacked copy is also ~1.4x the
+bytes on disk. The kernel in `mobilemoe/native/q4_experts.c` computes MatMulNBits' arithmetic
+(int4 blocks of 64, int8 activations: accuracy level 4) from the block layout as exported, so
+a page-in is a read and an expert holds its block and nothing more. It needs AVX-512 VNNI
+(x86-64 Linux); anywhere else, or for other expert layouts (int8, GPT-OSS's biased experts),
+experts run on ONNX Runtime sessions as before.
+
+The library is plain C loaded with ctypes (built at install: setup.py), so the runtime keeps
+numpy and onnxruntime as its only compute dependencies; ctypes releases the GIL while it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import numpy as np
+
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.fused_experts import DOWN, DOWN_SCALES, GATE_UP, GATE_UP_SCALES, fusable
+from mobilemoe.manifest import ExpertTemplate, ModelDims, Quantization
+
+KERNELS = ("onnxruntime", "native")  # `load(..., expert_kernel=...)`, the default first
+
+_library: ctypes.CDLL | None = None
+_unavailable: str | None = None  # why the library cannot be used, once looked for
+_threads: int | None = None
+
+
+def _find_library() -> ctypes.CDLL | None:
+    global _library, _unavailable
+    if _library is not None or _unavailable is not None:
+        return _library
+    here = Path(__file__).parent
+    paths = [here / f"_q4_experts{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        _unavailable = "the native kernel was not built (x86-64 Linux with a C compiler only)"
+        return None
+    library = ctypes.CDLL(str(path))
+    if not library.mm_cpu_supported():
+        _unavailable = "this CPU lacks AVX-512 VNNI"
+        return None
+    library.mm_set_threads.argtypes = [ctypes.c_int]
+    pointer, count = ctypes.c_void_p, ctypes.c_int
+    library.mm_q4_silu_expert.argtypes = [pointer, pointer, pointer, pointer, count, count, count,
+                                          pointer, pointer]
+    _library = library
+    return library
+
+
+def unavailable_reason() -> str | None:
+    """None when the native kernel can run here, else why not."""
+    _find_library()
+    return _unavailable
+
+
+def use_threads(threads: int) -> None:
+    """The kernel's thread count (the caller's included), set once per process like ONNX
+    Runtime's pool; a later, different count is ignored (the first `load` decides)."""
+    global _threads
+    library = _find_library()
+    if library is not None and _threads is None:
+        if library.mm_set_threads(threads) != 0:
+            raise MobileMoEError(f"could not start {threads} threads for the expert kernel")
+        _threads = threads
+
+
+def supports(template: ExpertTemplate, dims: ModelDims, quantization: Quantization) -> bool:
+    """Whether the kernel computes this template's experts as its ONNX graph does: unbiased
+    SiLU-gated int4 experts at block 64 with int8 activations (accuracy level 4)."""
+    if not fusable(template):  # the same unbiased SiLU experts QMoE takes
+        return False
+    slots = {s.name: s for s in template.tensors}
+    if template.bits != 4 or quantization.block_size != 64 or quantization.accuracy_level != 4:
+        return False
+    h = dims.hidden_size
+    blocks = -(-h // 64)
+    gate_up, down = slots[GATE_UP].shape, slots[DOWN].shape  # [2I, blocks, 32], [H, blocks, 32]
+    i = gate_up[0] // 2
+    return (gate_up == [2 * i, blocks, 32] and down == [h, -(-i // 64), 32]
+            and slots[GATE_UP_SCALES].nbytes == 2 * i * blocks * 4
+            and slots[DOWN_SCALES].nbytes == h * -(-i // 64) * 4
+            and all(slots[name].dtype == "float32" for name in (GATE_UP_SCALES, DOWN_SCALES)))
+
+
+class NativeExpert:
+    """One expert's weights (views into the block read from the store) and the kernel: called
+    like an expert's `SessionRunner`, {"x": x [T, H]} -> [y [T, H]]."""
+
+    __slots__ = ("_weights", "_pointers", "_hidden", "_run")
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        library = _find_library()
+        if library is None:
+            raise MobileMoEError(f"native expert kernel unavailable: {_unavailable}")
+        self._weights = weights  # the kernel reads them in place: keep them alive
+        self._pointers = tuple(weights[name].ctypes.data
+                               for name in (GATE_UP, GATE_UP_SCALES, DOWN, DOWN_SCALES))
+        self._hidden = weights[DOWN].shape[0]
+        self._run = library.mm_q4_silu_expert
+
+    @property
+    def intermediate(self) -> int:
+        return self._weights[GATE_UP].shape[0] // 2
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        x = np.ascontiguousarray(feeds["x"], dtype=np.float32)  # [T, H]
+        y = np.empty_like(x)
+        if self._run(*self._pointers, self._hidden, self.intermediate, len(x),
+                     x.ctypes.data, y.ctypes.data) != 0:
+            raise MemoryError("expert kernel: out of memory for its scratch buffers")
+        return [y]
