@@ -6,7 +6,8 @@ bytes on disk. The kernel in `mobilemoe/native/q4_experts.c` computes MatMulNBit
 (int4 blocks of 64, int8 activations: accuracy level 4) from the block layout as exported, so
 a page-in is a read and an expert holds its block and nothing more. It needs AVX-512 VNNI
 (x86-64 Linux); anywhere else, or for other expert layouts (int8, GPT-OSS's biased experts),
-experts run on ONNX Runtime sessions as before.
+`expert_kernel="native"` is refused with the reason. Opt-in for now: resident decode is slower
+than the session path (docs/PERFORMANCE.md, "A kernel of our own").
 
 The library is plain C loaded with ctypes (built at install: setup.py), so the runtime keeps
 numpy and onnxruntime as its only compute dependencies; ctypes releases the GIL while it runs.
@@ -92,7 +93,7 @@ class NativeExpert:
     """One expert's weights (views into the block read from the store) and the kernel: called
     like an expert's `SessionRunner`, {"x": x [T, H]} -> [y [T, H]]."""
 
-    __slots__ = ("_weights", "_pointers", "_hidden", "_run")
+    __slots__ = ("_weights", "_pointers", "_hidden", "_intermediate", "_run")
 
     def __init__(self, weights: dict[str, np.ndarray]) -> None:
         library = _find_library()
@@ -102,16 +103,13 @@ class NativeExpert:
         self._pointers = tuple(weights[name].ctypes.data
                                for name in (GATE_UP, GATE_UP_SCALES, DOWN, DOWN_SCALES))
         self._hidden = weights[DOWN].shape[0]
+        self._intermediate = weights[GATE_UP].shape[0] // 2  # gate rows, then up rows
         self._run = library.mm_q4_silu_expert
-
-    @property
-    def intermediate(self) -> int:
-        return self._weights[GATE_UP].shape[0] // 2
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         x = np.ascontiguousarray(feeds["x"], dtype=np.float32)  # [T, H]
         y = np.empty_like(x)
-        if self._run(*self._pointers, self._hidden, self.intermediate, len(x),
+        if self._run(*self._pointers, self._hidden, self._intermediate, len(x),
                      x.ctypes.data, y.ctypes.data) != 0:
             raise MemoryError("expert kernel: out of memory for its scratch buffers")
         return [y]
