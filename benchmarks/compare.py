@@ -144,7 +144,7 @@ def run_mobilemoe(package: Path, fraction: float, a: argparse.Namespace) -> dict
                      "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                      "--repeats", str(a.repeats), "--warmup", str(a.warmup),
                      "--temperature", str(a.temperature), "--policy", a.policy, *fused,
-                     "--json"])
+                     "--expert-kernel", a.expert_kernel, "--json"])
 
 
 def run_llama(gguf_file: Path, a: argparse.Namespace) -> dict:
@@ -196,7 +196,8 @@ def report(r: dict) -> str:
             f"| cold sequential read | {fmt(m['cold_read'] and m['cold_read'] / 1e9, '.2f')} GB/s |",
             f"| load average (1 min) at start | {m['load_average']:.1f} |",
             ""]
-    rows = [("mobilemoe" + (" (fused experts)" if x.get("fused_experts") else ""), x)
+    rows = [("mobilemoe" + (" (fused experts)" if x.get("fused_experts") else "")
+             + (" (native kernel)" if x.get("expert_kernel") == "native" else ""), x)
             for x in r["mobilemoe"] if x.get("expert_fraction") == 1.0]
     rows.append(("llama.cpp", r["llama"]))
     out += ["| engine | decode tok/s | prefill tok/s | weights / token | roofline tok/s "
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICY, help="mobilemoe's expert cache policy")
     p.add_argument("--fused-experts", action="store_true",
                    help="fully resident mobilemoe runs with --fused-experts (one QMoE per layer)")
+    p.add_argument("--expert-kernel", default="onnxruntime",
+                   help="what computes mobilemoe's experts: onnxruntime or native")
     p.add_argument("--rounds", type=int, default=0,
                    help="then this many more fully resident pairs, in alternating order")
     p.add_argument("--data", type=Path, default=Path("/work/bench-data"))

@@ -116,8 +116,8 @@ class MoEModel:
         if self.context_length <= 0:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         threads = threads or default_threads()
-        use_threads(threads)
         self._native_templates = self._native_kernel_templates(expert_kernel)
+        use_threads(threads, spinning=not self._native_templates)
         if self._native_templates:
             native_experts.use_threads(threads)
         warm_up()
@@ -420,6 +420,8 @@ class MoEModel:
     def _moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray,
              selection: np.ndarray | None) -> np.ndarray:
         """x [T, H] -> sum over each token's chosen experts of weight * expert(x)."""
+        if self._native_templates:
+            native_experts.wake()  # while we route
         experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
@@ -430,6 +432,12 @@ class MoEModel:
         for expert in misses:  # start reading every miss now: the kernel reads ahead of us
             self._store.prefetch(layer, expert)
         one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
+        if one and not misses and self._native_templates:  # a decode step's usual case
+            runners = [self._cache.get((layer, e)) for e in groups]
+            weights = np.array([weight[0] for _, weight in groups.values()], np.float32)
+            out = native_experts.weighted_sum(runners, weights, x)  # = the sum below, bit for bit
+            self._park_native_workers()
+            return out
         outputs = {}
 
         def run(expert: int, session: SessionRunner | NativeExpert) -> None:
@@ -444,9 +452,11 @@ class MoEModel:
                 run(expert, self._cache.get((layer, expert)))
         for start in range(0, len(misses), self._page_in_batch):
             batch = misses[start:start + self._page_in_batch]
+            self._park_native_workers()  # a page-in reads and checks: leave the cores to it
             sessions = self._cache.get_all([(layer, e) for e in batch], self._pager)
             for expert, session in zip(batch, sessions, strict=True):
                 run(expert, session)
+        self._park_native_workers()  # the dense graph's threads come next
         out = np.zeros_like(x)
         for expert, (rows, weight) in groups.items():
             if one:
@@ -454,6 +464,12 @@ class MoEModel:
             else:
                 out[rows] += weight[:, None] * outputs[expert]
         return out
+
+    def _park_native_workers(self) -> None:
+        """The native kernel's workers spin between experts; they sleep when no expert is
+        about to run (mobilemoe.native_experts.park)."""
+        if self._native_templates:
+            native_experts.park()
 
     def _forward(self, ids: list[int], want: str) -> np.ndarray:
         """Run `ids` after what the KV cache holds; logits of the last token ("last") or all."""

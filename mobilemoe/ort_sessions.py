@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-_global_threads: int | None = None
+_global_threads: int | None = None  # > 0: the process-wide pool's size; < 0: per-session pools
+_spinning = True  # False: ONNX Runtime's threads stop spinning at the end of each run
 
 
 def default_threads() -> int:
@@ -23,22 +24,31 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def use_threads(threads: int) -> None:
-    """Set the process-wide thread pool size; ONNX Runtime allows this once per process."""
-    global _global_threads
+def use_threads(threads: int, spinning: bool = True) -> None:
+    """Set the process-wide thread pool size; ONNX Runtime allows this once per process.
+
+    spinning=False, for a process whose experts run on the native kernel
+    (mobilemoe.native_experts): per-session pools that spin within a run and stop at its
+    end (`session.force_spinning_stop`). ONNX Runtime's process-wide pool spins on after
+    every run, and Python cannot stop it, so the kernel's own worker found no core free
+    (resident decode 108-149 ms a token against ~80). Threads that never spin cost the dense
+    graphs a wake-up per parallel operator (+4-6 ms a token); stopping at a run's end costs
+    one per run. The sessions are then the dense graphs only: 18 pools on the OLMoE shape."""
+    global _global_threads, _spinning
     if _global_threads is None:
         set_sizes = getattr(ort.capi._pybind_state, "set_global_thread_pool_sizes", None)
-        if set_sizes is None:  # an ORT build without it: fall back to per-session pools
+        _spinning = spinning
+        if set_sizes is None or not spinning:  # per-session pools
             _global_threads = -threads
             return
         set_sizes(threads, 1)
         _global_threads = threads
-    elif abs(_global_threads) != threads:
-        warnings.warn(
-            f"ONNX Runtime's thread pool was already created with {abs(_global_threads)} "
-            f"threads in this process; ignoring threads={threads}",
-            stacklevel=3,
-        )
+    elif abs(_global_threads) != threads or _spinning != spinning:
+        setup = (f"{abs(_global_threads)} threads, "
+                 + ("spinning" if _spinning else "not spinning between runs"))
+        wanted = f"{threads} threads, " + ("spinning" if spinning else "not spinning between runs")
+        warnings.warn(f"ONNX Runtime's threads were set up by an earlier load in this process "
+                      f"({setup}); keeping them instead of {wanted}", stacklevel=3)
 
 
 _WARMED_UP = False
@@ -70,6 +80,8 @@ def session_options() -> ort.SessionOptions:
         so.use_per_session_threads = False
     elif _global_threads is not None:
         so.intra_op_num_threads = -_global_threads
+        if not _spinning:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False  # without an arena it only adds a block per input shape
     so.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.

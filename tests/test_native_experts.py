@@ -2,6 +2,9 @@
 block as read, bit-identical across budgets and between one token and many."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -96,3 +99,38 @@ def test_bench_reports_the_native_kernel(package):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["expert_kernel"] == "native"
+
+
+def test_a_native_process_stops_onnx_runtime_spinning_and_computes_the_same(package):
+    """A process whose first model runs the native kernel gives ONNX Runtime per-session pools
+    that stop spinning at the end of each run (the kernel's worker needs the other core), and
+    the logits are the ones this process computes next to a spinning process-wide pool."""
+    expected = mobilemoe.load(package, expert_kernel="native").logits(PROMPT)
+    code = textwrap.dedent("""
+        import sys, numpy as np, mobilemoe
+        from mobilemoe import native_experts, ort_sessions
+        native_experts.use_threads(2)
+        native_experts.wake()  # before any expert ran: nothing to claim
+        native_experts.park()
+        model = mobilemoe.load(sys.argv[1], expert_kernel="native", threads=2)
+        assert ort_sessions._global_threads == -2 and not ort_sessions._spinning
+        options = ort_sessions.session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        np.save(sys.argv[2], model.logits([int(t) for t in sys.argv[3].split(",")]))
+    """)
+    out = package.parent / "logits.npy"
+    done = subprocess.run([sys.executable, "-c", code, str(package), str(out),
+                           ",".join(map(str, PROMPT))], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(out), expected)
+
+
+def test_a_layers_experts_in_one_call_sum_as_numpy_does(package):
+    native = mobilemoe.load(package, expert_kernel="native")
+    experts = [native._expert_session(1, e) for e in (0, 2, 5, 7)]
+    weights = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    x = np.random.default_rng(2).standard_normal((1, native.dims.hidden_size)).astype(np.float32)
+    expected = np.zeros_like(x)
+    for expert, weight in zip(experts, weights, strict=True):
+        expected += weight * expert({"x": x})[0]
+    assert np.array_equal(native_experts.weighted_sum(experts, weights, x), expected)
