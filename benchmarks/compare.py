@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICY, help="mobilemoe's expert cache policy")
     p.add_argument("--fused-experts", action="store_true",
                    help="fully resident mobilemoe runs with --fused-experts (one QMoE per layer)")
-    p.add_argument("--expert-kernel", default="onnxruntime",
-                   help="what computes mobilemoe's experts: onnxruntime or native")
+    p.add_argument("--expert-kernel", default="auto",
+                   help="what computes mobilemoe's experts: auto, native or onnxruntime")
     p.add_argument("--rounds", type=int, default=0,
                    help="then this many more fully resident pairs, in alternating order")
     p.add_argument("--data", type=Path, default=Path("/work/bench-data"))

@@ -52,7 +52,7 @@ def prompt(seed: int = 0, length: int = 64) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, 50_000, length)]
 
 
-def decode(package: str, threads: int, expert_kernel: str = "onnxruntime") -> None:
+def decode(package: str, threads: int, expert_kernel: str = "auto") -> None:
     seconds, calls = collections.defaultdict(float), collections.Counter()
     model = mobilemoe.load(package, threads=threads, context_length=1024, expert_kernel=expert_kernel)
     for runner in model._layers:
@@ -77,7 +77,7 @@ def decode(package: str, threads: int, expert_kernel: str = "onnxruntime") -> No
               f"  {s / calls[label] * 1e6:8.0f} us/call")
 
 
-def paging(package: str, threads: int, fraction: float, expert_kernel: str = "onnxruntime") -> None:
+def paging(package: str, threads: int, fraction: float, expert_kernel: str = "auto") -> None:
     budget = budget_for_fraction(plan_in_subprocess(package, threads, 1024, expert_kernel), fraction)
     seconds, calls = collections.defaultdict(float), collections.Counter()
     timed(model_module, "create_session_with_weights", "build the session", seconds, calls)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.25, help="paging: share of experts cached")
     p.add_argument("--fused-experts", action="store_true", help="load: with fused experts")
-    p.add_argument("--expert-kernel", default="onnxruntime", help="onnxruntime or native")
+    p.add_argument("--expert-kernel", default="auto", help="auto, native or onnxruntime")
     a = p.parse_args(argv)
     if a.what == "decode":
         decode(a.package, a.threads, a.expert_kernel)

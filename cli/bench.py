@@ -16,6 +16,13 @@ from mobilemoe.cache_policies import DEFAULT_POLICY, POLICY_NAMES, policy_for_pa
 
 from .format import fail, format_bytes, print_rows, user_errors
 
+# Shared with `run` and `chat` (cli/main.py).
+ExpertKernel = Annotated[str, typer.Option(
+    "--expert-kernel", metavar="KERNEL",
+    help="What computes the experts: auto (native where this CPU and the package allow it), "
+         "native (mobilemoe's int4 kernel on the bytes as read) or onnxruntime (a session per "
+         "expert).")]
+
 
 def bench(
     package: Annotated[str, typer.Argument(help="A mobilemoe package folder.", metavar="PACKAGE",
@@ -56,10 +63,7 @@ def bench(
         "--fused-experts",
         help="Each layer's experts in one QMoE kernel, all resident (lossy: float32 "
              "rounding differs from the default path).")] = False,
-    expert_kernel: Annotated[str, typer.Option(
-        "--expert-kernel", metavar="KERNEL",
-        help="What computes the experts: onnxruntime (a session per expert) or native "
-             "(mobilemoe's int4 kernel on the block as read; experimental).")] = "onnxruntime",
+    expert_kernel: ExpertKernel = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Measure prefill and decode speed, expert paging and peak memory of a package."""

@@ -24,6 +24,7 @@ from mobilemoe.cache_policies import (
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.manifest import DEFAULT_BLOCK_SIZE
 
+from .bench import ExpertKernel
 from .bench import bench as _bench
 from .format import (
     fail,
@@ -103,22 +104,23 @@ def _root(
 
 def _load(package: str, memory_budget: str | None, threads: int | None,
           context_length: int | None, policy: str = DEFAULT_POLICY,
-          routing_profile: Path | None = None, fused_experts: bool = False) -> mobilemoe.MoEModel:
+          routing_profile: Path | None = None, fused_experts: bool = False,
+          expert_kernel: str = "auto") -> mobilemoe.MoEModel:
     return mobilemoe.load(package, memory_budget=memory_budget, threads=threads,
                           context_length=context_length,
                           policy=policy_for_package(policy, package, routing_profile),
-                          fused_experts=fused_experts)
+                          fused_experts=fused_experts, expert_kernel=expert_kernel)
 
 
 def _load_or_demo(package: str | None, memory_budget: str | None, threads: int | None,
                   context_length: int | None, policy: str = DEFAULT_POLICY,
                   routing_profile: Path | None = None,
-                  fused_experts: bool = False) -> mobilemoe.MoEModel:
+                  fused_experts: bool = False, expert_kernel: str = "auto") -> mobilemoe.MoEModel:
     """The package, or with none the shipped demo model (exported once, cached)."""
     check_policy_name(policy)  # before the demo model is exported or named
     if package is not None:
         return _load(package, memory_budget, threads, context_length, policy, routing_profile,
-                     fused_experts)
+                     fused_experts, expert_kernel)
     from mobilemoe.manifest import Manifest
 
     from .demo import demo_context, demo_package
@@ -131,7 +133,7 @@ def _load_or_demo(package: str | None, memory_budget: str | None, threads: int |
     stderr_say(f"(no package given: the demo model, {path}; a text-continuation model, "
                "it does not follow instructions)")
     return _load(str(path), memory_budget, threads, context_length, policy, routing_profile,
-                 fused_experts)
+                 fused_experts, expert_kernel)
 
 
 def _exporter():
@@ -200,6 +202,7 @@ def run(
     policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
     fused_experts: FusedExperts = False,
+    expert_kernel: ExpertKernel = "auto",
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     if prompt is None:  # one argument: the prompt, for the default (demo) model
@@ -212,7 +215,7 @@ def run(
         prompt = sys.stdin.read()
     with user_errors():
         model = _load_or_demo(package, memory_budget, threads, context_length, policy,
-                              routing_profile, fused_experts)
+                              routing_profile, fused_experts, expert_kernel)
         tokens = model.generate(
             prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop=tuple(stop or ()))
@@ -246,13 +249,14 @@ def chat(
     policy: Policy = DEFAULT_POLICY,
     routing_profile: RoutingProfile = None,
     fused_experts: FusedExperts = False,
+    expert_kernel: ExpertKernel = "auto",
 ) -> None:
     """Chat with a model: /stats, /reset, /exit (Ctrl-C stops a reply)."""
     from .chat import chat_loop
 
     with user_errors():
         model = _load_or_demo(package, memory_budget, threads, context_length, policy,
-                              routing_profile, fused_experts)
+                              routing_profile, fused_experts, expert_kernel)
     chat_loop(model, dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed), show_experts=show_experts)
 

@@ -225,7 +225,7 @@ def weight_bytes_per_token(model: MoEModel) -> int:
 
 
 def plan_in_subprocess(path: str | Path, threads: int, context_length: int,
-                       expert_kernel: str = "onnxruntime") -> dict[str, int]:
+                       expert_kernel: str = "auto") -> dict[str, int]:
     """The memory plan of a package, measured by loading it in a fresh process (so that this
     process's baseline is not raised by a load it only did to plan)."""
     code = (
@@ -280,7 +280,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
               context_length: int | None = None, preload: bool | None = None,
               seed: int = 0, temperature: float = 0.0,
               policy: EvictionPolicy | None = None, fused_experts: bool = False,
-              expert_kernel: str = "onnxruntime") -> BenchResult:
+              expert_kernel: str = "auto") -> BenchResult:
     """Benchmark the package at `path` (see the module docstring).
 
     memory_budget: as for `mobilemoe.load`; or expert_fraction: the budget whose expert cache
@@ -292,7 +292,7 @@ def run_bench(path: str | Path, memory_budget: int | str | None = None, prompt_t
     samples nearly uniform tokens from such a model, so routes keep changing.
     policy: the expert cache's eviction policy, as for `mobilemoe.load` (default decayed LFU).
     fused_experts: as for `mobilemoe.load` (every expert resident, one QMoE kernel per layer).
-    expert_kernel: as for `mobilemoe.load` ("onnxruntime" or "native").
+    expert_kernel: as for `mobilemoe.load` ("auto", "native" or "onnxruntime").
     """
     if prompt_tokens < 1 or new_tokens < 0 or repeats < 1 or warmup < 0:
         raise MobileMoEError("need prompt_tokens >= 1, new_tokens >= 0, repeats >= 1, warmup >= 0")

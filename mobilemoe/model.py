@@ -107,7 +107,7 @@ class MoEModel:
     def __init__(self, package: Path, memory_budget: int | str | None = None,
                  threads: int | None = None, context_length: int | None = None,
                  policy: EvictionPolicy | None = None, fused_experts: bool = False,
-                 expert_kernel: str = "onnxruntime"):
+                 expert_kernel: str = "auto"):
         self.package = Path(package)
         self.manifest = m = Manifest.load(self.package)
         self.dims = d = m.dims
@@ -116,7 +116,7 @@ class MoEModel:
         if self.context_length <= 0:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         threads = threads or default_threads()
-        self._native_templates = self._native_kernel_templates(expert_kernel)
+        self._native_templates = self._native_kernel_templates(expert_kernel, fused_experts)
         use_threads(threads, spinning=not self._native_templates)
         if self._native_templates:
             native_experts.use_threads(threads)
@@ -206,13 +206,14 @@ class MoEModel:
             return "qmoe"
         return "native" if self._native_templates else "onnxruntime"
 
-    def _native_kernel_templates(self, kernel: str) -> set[str]:
+    def _native_kernel_templates(self, kernel: str, fused_experts: bool) -> set[str]:
         """The expert templates mobilemoe's own kernel computes (mobilemoe.native_experts):
-        with "native", every one, or a clear error saying why it cannot."""
+        every one or none. "auto": every one when it can run here and supports them all (not
+        with fused experts, which run on QMoE); "native": every one, or a clear error."""
         if kernel not in native_experts.KERNELS:
             raise MobileMoEError(f"expert kernel must be one of {', '.join(native_experts.KERNELS)}, "
                                  f"got {kernel!r}")
-        if kernel == "onnxruntime":
+        if kernel == "onnxruntime" or (kernel == "auto" and fused_experts):
             return set()
         m = self.manifest
         reason = native_experts.unavailable_reason()
@@ -222,9 +223,11 @@ class MoEModel:
             reason = (f"it computes int4 SiLU experts at block 64 and accuracy level 4; this "
                       f"{m.model_type} package has {q.expert_bits}-bit experts at block "
                       f"{q.block_size}, accuracy level {q.accuracy_level}")
+        if reason and kernel == "auto":
+            return set()
         if reason:
             raise MobileMoEError(f"the native expert kernel cannot run this package: {reason}; "
-                                 "use the onnxruntime kernel")
+                                 "use --expert-kernel onnxruntime")
         return set(m.templates)
 
     # -- loading ----------------------------------------------------------------------------
@@ -646,14 +649,14 @@ class MoEModel:
 
 def load(path: str | Path, memory_budget: int | str | None = None, threads: int | None = None,
          context_length: int | None = None, policy: EvictionPolicy | None = None,
-         fused_experts: bool = False, expert_kernel: str = "onnxruntime") -> MoEModel:
+         fused_experts: bool = False, expert_kernel: str = "auto") -> MoEModel:
     """Load a mobilemoe package to run within `memory_budget` ("4GB", "512MiB", bytes; None
     for no limit) with `threads` compute threads (default: physical cores).
 
     fused_experts: run each layer's experts in one QMoE kernel, all resident (faster decode;
     lossy: float32 sums in another order, see mobilemoe.fused_experts).
-    expert_kernel: "onnxruntime" (a session per expert) or "native" (mobilemoe's int4 kernel
-    on the block as read: page-ins without a session build; experimental, see
-    mobilemoe.native_experts)."""
+    expert_kernel: "native" (mobilemoe's int4 kernel on the block as read: page-ins without a
+    session build, see mobilemoe.native_experts), "onnxruntime" (a session per expert), or
+    "auto": native wherever it can run and supports the experts."""
     return MoEModel(Path(path).expanduser(), memory_budget, threads, context_length, policy,
                     fused_experts, expert_kernel)

@@ -126,6 +126,10 @@ def expert_session_options() -> ort.SessionOptions:
     skipping ONNX Runtime's graph optimizers saves ~0.5 ms of every page-in."""
     so = session_options()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if _global_threads is not None and _global_threads < 0:
+        # Per-session pools (a native-kernel process, or an ONNX Runtime without global
+        # pools): a pool per expert would start a thread per resident expert.
+        so.intra_op_num_threads = 1
     return so
 
 

@@ -72,7 +72,7 @@ def test_paging_with_the_native_kernel_is_lossless_and_holds_only_the_block(pack
     # No session: a page-in keeps the block read from the store (on the OLMoE shape 3.54 MB an
     # expert against 4.4 MB for its session, docs/PERFORMANCE.md; too small to tell here)
     assert all(isinstance(tight._cache.get((0, e)), NativeExpert) for e in range(2))
-    assert resident.expert_kernel == "native" and mobilemoe.load(package).expert_kernel == "onnxruntime"
+    assert resident.expert_kernel == "native"
 
 
 def test_the_whole_model_agrees_with_the_onnx_runtime_kernel(package):
@@ -81,6 +81,14 @@ def test_the_whole_model_agrees_with_the_onnx_runtime_kernel(package):
     # float32 rounding differs (sums in another order); int8 activations can turn such a
     # difference into one quantization step
     assert np.abs(native - ort).max() <= 0.01 * np.abs(ort).max()
+
+
+def test_auto_is_native_where_it_can_run_and_sessions_elsewhere(package, tmp_path):
+    assert mobilemoe.load(package).expert_kernel == "native"
+    assert mobilemoe.load(package, expert_kernel="onnxruntime").expert_kernel == "onnxruntime"
+    build_mixtral(tmp_path / "ckpt", **DIMS)
+    int8 = export_model(tmp_path / "ckpt", tmp_path / "pkg", bits=8, progress=False)
+    assert mobilemoe.load(int8).expert_kernel == "onnxruntime"
 
 
 def test_unknown_or_unsupported_kernels_are_refused(package, tmp_path):
@@ -116,6 +124,7 @@ def test_a_native_process_stops_onnx_runtime_spinning_and_computes_the_same(pack
         assert ort_sessions._global_threads == -2 and not ort_sessions._spinning
         options = ort_sessions.session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert ort_sessions.expert_session_options().intra_op_num_threads == 1  # no pool each
         np.save(sys.argv[2], model.logits([int(t) for t in sys.argv[3].split(",")]))
     """)
     out = package.parent / "logits.npy"
