@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mobilemoe import native_experts
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.expert_cache import EvictionPolicy
 from mobilemoe.model import MoEModel, load
@@ -131,6 +132,9 @@ class _Probe:
                                                                       dense_ids))
             for runner in (SessionRunner, NativeExpert):
                 self._patch(runner, "__call__", self._timed(runner.__call__, "experts"))
+            # a decode step's resident layer on the native kernel: one call for its experts
+            self._patch(native_experts, "weighted_sum",
+                        self._timed(native_experts.weighted_sum, "experts"))
             self.available["dense"] = self.available["experts"] = True
         store = getattr(model, "_store", None)
         # A page-in reads with `read_unchecked` (the crc32 runs on another thread, overlapped
