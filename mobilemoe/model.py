@@ -117,7 +117,7 @@ class MoEModel:
             raise MobileMoEError(f"context length must be positive, got {self.context_length}")
         threads = threads or default_threads()
         self._native_templates = self._native_kernel_templates(expert_kernel, fused_experts)
-        use_threads(threads, spinning=not self._native_templates)
+        use_threads(threads, spin_after_runs=not self._native_templates)
         if self._native_templates:
             native_experts.use_threads(threads)
         warm_up()

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 _global_threads: int | None = None  # > 0: the process-wide pool's size; < 0: per-session pools
-_spinning = True  # False: ONNX Runtime's threads stop spinning at the end of each run
+_spin_after_runs = True  # False: ONNX Runtime's threads stop spinning at the end of each run
 
 
 def default_threads() -> int:
@@ -24,29 +24,29 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def use_threads(threads: int, spinning: bool = True) -> None:
+def use_threads(threads: int, spin_after_runs: bool = True) -> None:
     """Set the process-wide thread pool size; ONNX Runtime allows this once per process.
 
-    spinning=False, for a process whose experts run on the native kernel
+    spin_after_runs=False, for a process whose experts run on the native kernel
     (mobilemoe.native_experts): per-session pools that spin within a run and stop at its
     end (`session.force_spinning_stop`). ONNX Runtime's process-wide pool spins on after
     every run, and Python cannot stop it, so the kernel's own worker found no core free
     (resident decode 108-149 ms a token against ~80). Threads that never spin cost the dense
     graphs a wake-up per parallel operator (+4-6 ms a token); stopping at a run's end costs
     one per run. The sessions are then the dense graphs only: 18 pools on the OLMoE shape."""
-    global _global_threads, _spinning
+    global _global_threads, _spin_after_runs
     if _global_threads is None:
         set_sizes = getattr(ort.capi._pybind_state, "set_global_thread_pool_sizes", None)
-        _spinning = spinning
-        if set_sizes is None or not spinning:  # per-session pools
+        _spin_after_runs = spin_after_runs
+        if set_sizes is None or not spin_after_runs:  # per-session pools
             _global_threads = -threads
             return
         set_sizes(threads, 1)
         _global_threads = threads
-    elif abs(_global_threads) != threads or _spinning != spinning:
+    elif abs(_global_threads) != threads or _spin_after_runs != spin_after_runs:
         setup = (f"{abs(_global_threads)} threads, "
-                 + ("spinning" if _spinning else "not spinning between runs"))
-        wanted = f"{threads} threads, " + ("spinning" if spinning else "not spinning between runs")
+                 + ("spinning" if _spin_after_runs else "not spinning between runs"))
+        wanted = f"{threads} threads, " + ("spinning" if spin_after_runs else "not spinning between runs")
         warnings.warn(f"ONNX Runtime's threads were set up by an earlier load in this process "
                       f"({setup}); keeping them instead of {wanted}", stacklevel=3)
 
@@ -80,7 +80,7 @@ def session_options() -> ort.SessionOptions:
         so.use_per_session_threads = False
     elif _global_threads is not None:
         so.intra_op_num_threads = -_global_threads
-        if not _spinning:
+        if not _spin_after_runs:
             so.add_session_config_entry("session.force_spinning_stop", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False  # without an arena it only adds a block per input shape

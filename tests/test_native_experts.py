@@ -121,7 +121,7 @@ def test_a_native_process_stops_onnx_runtime_spinning_and_computes_the_same(pack
         native_experts.wake()  # before any expert ran: nothing to claim
         native_experts.park()
         model = mobilemoe.load(sys.argv[1], expert_kernel="native", threads=2)
-        assert ort_sessions._global_threads == -2 and not ort_sessions._spinning
+        assert ort_sessions._global_threads == -2 and not ort_sessions._spin_after_runs
         options = ort_sessions.session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         assert ort_sessions.expert_session_options().intra_op_num_threads == 1  # no pool each

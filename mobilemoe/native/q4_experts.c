@@ -148,16 +148,14 @@ static void matmul_rows(const uint8_t* w, const float* sw, const quantized* a, i
    A job is split into as many parts as threads, and every thread, the caller included, claims
    parts until none is left: a worker that is not scheduled in time (ONNX Runtime's pool spins
    on the other cores after its own work) costs speed, never a wait. Which thread computes a
-   part does not change its result. Between jobs the workers spin briefly (an expert's jobs
-   follow each other within microseconds), then sleep. */
+   part does not change its result. Between jobs the workers spin (a layer's experts follow
+   each other within microseconds), until the runtime parks them or SPIN_ROUNDS pass. */
 
 #define MAX_THREADS 64
 /* _mm_pause()s a worker spins before it sleeps, unless parked first (mm_park, called by the
    runtime when a layer's experts are done): 40000 let a worker spin from one expert to the
    next in a decode step (4000 often did not: 38.6 against 34.9 ms of experts a token). */
-#ifndef SPIN_ROUNDS
 #define SPIN_ROUNDS 40000
-#endif
 
 typedef void (*job_fn)(void* job, int part, int parts);
 
