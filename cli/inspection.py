@@ -1,8 +1,8 @@
 """`mobilemoe inspect`: what a package holds and the smallest memory budget it runs in.
 
 The minimum budget is measured, not estimated from file sizes: the package is loaded with no
-budget, which creates the dense sessions and calibrates what one expert session holds after
-ONNX Runtime's prepacking (`model.plan`).
+budget, which creates the dense sessions and calibrates what one expert holds (`model.plan`):
+its block as read on the native kernel, or its session after ONNX Runtime's prepacking.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def inspect_model(package: str, memory_budget: str | None = None, threads: int |
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     with mobilemoe.load(package, memory_budget=None, threads=threads,
                         context_length=context_length) as model:
-        m, plan = model.manifest, model.plan
+        m, plan, kernel = model.manifest, model.plan, model.expert_kernel
     d, q = m.dims, m.quantization
     total_experts = m.experts_total
     experts_part = plan.top_k * plan.expert_session_bytes
@@ -46,6 +46,7 @@ def inspect_model(package: str, memory_budget: str | None = None, threads: int |
         "experts_total": total_experts,
         "top_k": m.routing.top_k,
         "router": {"scoring": m.routing.scoring, "normalize_top_k": m.routing.normalize_top_k},
+        "expert_kernel": kernel,  # what computes the experts here: "native" or "onnxruntime"
         "quantization": {"expert_bits": q.expert_bits, "dense_bits": q.dense_bits,
                          "block_size": q.block_size, "accuracy_level": q.accuracy_level},
         "bytes": {
@@ -57,7 +58,7 @@ def inspect_model(package: str, memory_budget: str | None = None, threads: int |
             "expert_store": m.expert_store.size,
             "experts": m.expert_bytes(),
             "per_expert": {tid: t.block_bytes for tid, t in m.templates.items()},
-            # what one paged-in expert holds in memory, measured after prepacking
+            # what one paged-in expert holds in memory, measured (`expert_kernel` says how)
             "expert_session": plan.expert_session_bytes,
         },
         "context_length": plan.context_length,
@@ -104,7 +105,8 @@ def print_inspection(info: dict[str, Any]) -> None:
                          f"{format_bytes(b['embed_graph'])}, layers "
                          f"{format_bytes(b['layer_graphs'])}, head {format_bytes(b['head_graph'])})"),
         ("expert store", f"{format_bytes(b['expert_store'])} ({info['experts_total']} experts)"),
-        ("per expert", f"{per_expert} on disk, {format_bytes(b['expert_session'])} in memory"),
+        ("per expert", f"{per_expert} on disk, {format_bytes(b['expert_session'])} in memory "
+                       f"({info['expert_kernel']} kernel)"),
     ]
     print_rows(rows, title="model")
     console().print()

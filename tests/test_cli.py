@@ -244,6 +244,7 @@ def test_inspect_table_and_json(runner, package):
     info = json.loads(result.stdout)
     assert (info["model_type"], info["layers"], info["experts"], info["top_k"]) == ("mixtral", 2, 4, 2)
     assert info["quantization"]["expert_bits"] == 4 and info["context_length"] == 512
+    assert info["expert_kernel"] in ("native", "onnxruntime")  # native on AVX-512 VNNI
     minimum = info["minimum_budget"]
     assert isinstance(minimum, int) and minimum > 0
     assert sum(info["minimum_budget_parts"].values()) == minimum
