@@ -28,6 +28,7 @@ import numpy as np
 
 import mobilemoe
 import mobilemoe.model as model_module
+from mobilemoe import native_experts
 from mobilemoe.bench import budget_for_fraction, plan_in_subprocess
 from mobilemoe.native_experts import NativeExpert
 from mobilemoe.ort_sessions import SessionRunner
@@ -66,6 +67,7 @@ def decode(package: str, threads: int, expert_kernel: str = "auto") -> None:
     list(model.generate(prompt(), max_new_tokens=12, temperature=1.0, seed=1))
     timed(SessionRunner, "__call__", "expert sessions", seconds, calls)
     timed(NativeExpert, "__call__", "expert sessions", seconds, calls)
+    timed(native_experts, "weighted_sum", "a layer's resident experts (native)", seconds, calls)
     seconds.clear()
     calls.clear()
     start = time.perf_counter()
