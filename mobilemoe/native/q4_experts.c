@@ -41,11 +41,12 @@ int mm_cpu_supported(void) {
 
 /* Activations of T tokens, int8 per block: [T, nb * 64] with each block's even elements
    first and odd ones second (the order of its weights' low and high nibbles), the scales
-   [T, nb], and corr = 8 * scale * sum(q) per block (for the nibbles' offset of 8). */
+   [T, nb], and offset = -8 * sum(q) per block: the nibbles are weights + 8, so a block's dot
+   product of nibbles and q is that much too large (exact in int32). */
 typedef struct {
   int8_t* q;
   float* scale;
-  float* corr;
+  int32_t* offset;
   int nb;
 } quantized;
 
@@ -68,8 +69,18 @@ static void quantize_row(const float* x, int k, const quantized* a, int t) {
       sum += even + odd;
     }
     a->scale[(size_t)t * a->nb + b] = scale;
-    a->corr[(size_t)t * a->nb + b] = 8.f * scale * (float)sum;
+    a->offset[(size_t)t * a->nb + b] = -8 * sum;
   }
+}
+
+/* The 16 lanes' sum as a tree of 4 additions (_mm512_reduce_add_ps compiled to a chain). */
+static inline __attribute__((always_inline)) KERNEL float sum_lanes(__m512 v) {
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  quarter = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+  return _mm_cvtss_f32(quarter);
 }
 
 /* y[t, n + r] for r < NR rows and t0 <= t < t0 + TT tokens. NR and TT are constants at every
@@ -99,21 +110,17 @@ static inline __attribute__((always_inline)) KERNEL void tile(
     for (int t = 0; t < TT; ++t) {
       const __m512i q = _mm512_loadu_si512((const void*)(a->q + ((size_t)(t0 + t) * nb + b) * BLK));
       const float sa = a->scale[(size_t)(t0 + t) * nb + b];
+      /* the dot products start from the block's offset, in lane 0: they come out exact */
+      const __m512i start = _mm512_maskz_set1_epi32(1, a->offset[(size_t)(t0 + t) * nb + b]);
       for (int r = 0; r < NR; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[r], q);
+        const __m512i dot = _mm512_dpbusd_epi32(start, v[r], q);
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s0[r * nb + b] * sa),
                                     acc[r][t]);
       }
     }
   }
-  for (int t = 0; t < TT; ++t) {
-    const float* corr = a->corr + (size_t)(t0 + t) * nb;
-    for (int r = 0; r < NR; ++r) {
-      float offset = 0.f;
-      for (int b = 0; b < nb; ++b) offset += s0[r * nb + b] * corr[b];
-      y[(size_t)(t0 + t) * ldy + n + r] = _mm512_reduce_add_ps(acc[r][t]) - offset;
-    }
-  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < NR; ++r) y[(size_t)(t0 + t) * ldy + n + r] = sum_lanes(acc[r][t]);
 }
 
 #define TILES(NR)                                                                            \
@@ -329,9 +336,9 @@ static void carve(expert_job* j, char* scratch) {
   float* f = (float*)scratch;
   j->h = f;
   f += (size_t)T * 2 * j->inter;
-  j->qx = (quantized){.scale = f, .corr = f + (size_t)T * nbx, .nb = nbx};
+  j->qx = (quantized){.scale = f, .offset = (int32_t*)(f + (size_t)T * nbx), .nb = nbx};
   f += (size_t)T * 2 * nbx;
-  j->qh = (quantized){.scale = f, .corr = f + (size_t)T * nbh, .nb = nbh};
+  j->qh = (quantized){.scale = f, .offset = (int32_t*)(f + (size_t)T * nbh), .nb = nbh};
   f += (size_t)T * 2 * nbh;
   j->qx.q = (int8_t*)f;
   j->qh.q = j->qx.q + (size_t)T * nbx * BLK;
