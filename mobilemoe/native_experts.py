@@ -8,7 +8,7 @@ a page-in is a read and an expert holds its block and nothing more. It needs AVX
 (x86-64 Linux); anywhere else, or for other expert layouts (int8, GPT-OSS's biased experts),
 experts run on ONNX Runtime sessions (`expert_kernel="native"` insists, and is refused with
 the reason). Measured on the OLMoE shape (docs/PERFORMANCE.md, "A kernel of our own"): decode
-1.11x llama.cpp where the sessions reached 0.81-0.94x; paging 0.6-0.7 against 2.9 ms/MB.
+1.14x llama.cpp where the sessions reached 0.81-0.94x; paging 0.6-0.7 against 2.9 ms/MB.
 
 The library is plain C loaded with ctypes (built at install: setup.py), so the runtime keeps
 numpy and onnxruntime as its only compute dependencies; ctypes releases the GIL while it runs.
