@@ -62,6 +62,7 @@ def decode(package: str, threads: int, expert_kernel: str = "auto") -> None:
     timed(model._head, "run", "head graph", seconds, calls)
     timed(model._embed, "run", "embed graph", seconds, calls)
     timed(model_module, "route", "routing", seconds, calls)
+    timed(native_experts, "route", "routing (native, waking the kernel's workers)", seconds, calls)
     timed(model_module, "tokens_by_expert", "grouping", seconds, calls)
     timed(model._cache, "get", "expert cache", seconds, calls)
     list(model.generate(prompt(), max_new_tokens=12, temperature=1.0, seed=1))

@@ -94,6 +94,17 @@ class ExpertCache:
             return entry.session
         return self._page_in([key], keep, None)[0]
 
+    def get_cached(self, keys: Sequence[Key]) -> list[Any] | None:
+        """The sessions for `keys` if every one is cached, counted and touched in order as
+        `get` would; else None, and nothing counted (a decode step's usual case in one call)."""
+        entries = self._entries
+        if not all(key in entries for key in keys):
+            return None
+        self.stats.hits += len(keys)
+        for key in keys:
+            self.policy.touched(key)
+        return [entries[key].session for key in keys]
+
     def get_all(self, keys: Sequence[Key], pool: Executor | None) -> list[Any]:
         """Sessions for `keys` (not cached ones, typically), the missing ones paged in
         concurrently on `pool` after room is made for all of them at once; none of `keys` is

@@ -120,6 +120,9 @@ class MoEModel:
         use_threads(threads, spin_after_runs=not self._native_templates)
         if self._native_templates:
             native_experts.use_threads(threads)
+        # With the native kernel, routing it supports runs in C too (for every step, so a
+        # token's route does not depend on its step's length or on the budget).
+        self._native_routing = bool(self._native_templates) and native_experts.routes(m.routing)
         warm_up()
         # numpy maps in code and tables the first time the routing code runs (~2 MB): that
         # belongs to the process baseline, not to this model.
@@ -423,24 +426,27 @@ class MoEModel:
     def _moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray,
              selection: np.ndarray | None) -> np.ndarray:
         """x [T, H] -> sum over each token's chosen experts of weight * expert(x)."""
-        if self._native_templates:
-            native_experts.wake()  # while we route
-        experts, weights = route(router_logits, self.manifest.routing, selection)  # [T, k] each
+        if self._native_routing and selection is None:  # [T, k] each; wakes the workers
+            experts, weights = native_experts.route(router_logits, self.manifest.routing)
+        else:
+            if self._native_templates:
+                native_experts.wake()  # while we route
+            experts, weights = route(router_logits, self.manifest.routing, selection)
         if self.routing_trace is not None:
             self.routing_trace[-1][layer] = experts
         if self._fused:
             return self._fused[layer](x, experts, weights)
+        one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
+        if one and self._native_templates:  # a decode step: all resident, usually
+            chosen = sorted(zip(experts[0].tolist(), weights[0].tolist(), strict=True))  # expert order
+            runners = self._cache.get_cached([(layer, e) for e, _ in chosen])
+            if runners is not None:  # = the sum below, bit for bit; parks the workers
+                return native_experts.weighted_sum(runners, np.array([w for _, w in chosen],
+                                                                     np.float32), x)
         groups = tokens_by_expert(experts, weights)
         misses = [e for e in groups if (layer, e) not in self._cache]  # in expert order
         for expert in misses:  # start reading every miss now: the kernel reads ahead of us
             self._store.prefetch(layer, expert)
-        one = len(x) == 1  # one token: every expert takes all of x, no gather or scatter
-        if one and not misses and self._native_templates:  # a decode step's usual case
-            runners = [self._cache.get((layer, e)) for e in groups]
-            weights = np.array([weight[0] for _, weight in groups.values()], np.float32)
-            out = native_experts.weighted_sum(runners, weights, x)  # = the sum below, bit for bit
-            self._park_native_workers()
-            return out
         outputs = {}
 
         def run(expert: int, session: SessionRunner | NativeExpert) -> None:
@@ -480,6 +486,7 @@ class MoEModel:
         if start + count > self._kv.capacity:
             raise MobileMoEError(f"context length {self.context_length} exceeded "
                                  f"({start + count} tokens); load with a larger context_length")
+        misses = self._cache.stats.misses
         outputs = []
         for begin in range(0, count, PREFILL_CHUNK):
             chunk = ids[begin:begin + PREFILL_CHUNK]
@@ -488,7 +495,12 @@ class MoEModel:
                 outputs.append(hidden if want == "all" else hidden[-1:])
         self._tokens.extend(ids)
         logits = self._head.run(None, {"hidden": np.concatenate(outputs)})[0]
-        release_freed_memory()  # this step's buffers, before the next one allocates (µs)
+        # This step's buffers and evicted experts go back to the OS before the next step
+        # allocates. A one-token step without page-ins freed nothing worth it: its buffers
+        # are small (or mmapped: memory.limit_heap_retention), and malloc_trim walks the
+        # whole heap (~70 us a token from cold caches).
+        if count > 1 or self._cache.stats.misses != misses:
+            release_freed_memory()
         if self.memory_budget is not None and not self._fused:  # fused: no cache to adjust
             self._hold_back_unplanned_memory()
         self._sample_rss()

@@ -177,6 +177,19 @@ def test_a_page_in_evicts_until_the_process_memory_fits_too():
     assert sorted(cache._entries) == ["c", "d"]
 
 
+def test_get_cached_counts_and_touches_as_get_does_or_nothing_on_a_miss():
+    cache = ExpertCache(lambda key: Loaded(key.upper(), 1, 1), lambda key: 1, capacity_bytes=3,
+                        policy=LRUPolicy())
+    for key in "abc":
+        cache.get(key)
+    assert cache.get_cached(["c", "a"]) == ["C", "A"]  # "b" is now the least recently used
+    assert (cache.stats.hits, cache.stats.misses) == (2, 3)
+    assert cache.get_cached(["a", "d"]) is None  # a miss: the caller pages in the usual way
+    assert (cache.stats.hits, cache.stats.misses) == (2, 3)
+    cache.get("d")
+    assert sorted(cache._entries) == ["a", "c", "d"]
+
+
 # -- pinned ---------------------------------------------------------------------------------
 
 

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 import mobilemoe
 from mobilemoe import native_experts
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.manifest import Routing
 from mobilemoe.native_experts import NativeExpert
+from mobilemoe.routing import route
 
 pytestmark = pytest.mark.skipif(native_experts.unavailable_reason() is not None,
                                 reason=f"native kernel: {native_experts.unavailable_reason()}")
@@ -143,3 +145,45 @@ def test_a_layers_experts_in_one_call_sum_as_numpy_does(package):
     for expert, weight in zip(experts, weights, strict=True):
         expected += weight * expert({"x": x})[0]
     assert np.array_equal(native_experts.weighted_sum(experts, weights, x), expected)
+
+
+@pytest.mark.parametrize("routing", [
+    Routing("softmax", 8, normalize_top_k=False),  # Qwen-MoE, OLMoE
+    Routing("softmax", 2, normalize_top_k=True),  # Mixtral
+    Routing("softmax", 4, normalize_top_k=False, top_k_before_softmax=True),  # Granite
+    Routing("softmax", 6, normalize_top_k=True, scaling=2.5),
+], ids=["olmoe", "mixtral", "top-k-first", "scaled"])
+def test_native_routing_chooses_and_weighs_as_numpy_routing_does(routing):
+    native_experts.use_threads(2)
+    rng = np.random.default_rng(3)
+    for experts in (8, 64, 160):
+        logits = (rng.standard_normal((40, experts)) * 3).astype(np.float32)
+        logits[0] = 0  # ties go to the lower index
+        logits[1, ::2] = logits[1, 1::2]
+        chosen, weights = native_experts.route(logits, routing)
+        expected_chosen, expected_weights = route(logits, routing)
+        assert chosen.dtype == np.int64 and weights.dtype == np.float32
+        assert np.array_equal(chosen, expected_chosen)
+        assert np.allclose(weights, expected_weights, rtol=2e-6, atol=0)
+
+
+def test_native_routing_refuses_what_it_cannot_compute():
+    native_experts.use_threads(2)
+    assert native_experts.routes(Routing("softmax", 2, True))
+    assert not native_experts.routes(Routing("sigmoid", 8, True, n_group=8, topk_group=4))
+    assert not native_experts.routes(Routing("sparsemixer", 2, False))
+    with pytest.raises(MobileMoEError, match="top 9 of 8 experts"):
+        native_experts.route(np.zeros((1, 8), np.float32), Routing("softmax", 9, True))
+
+
+def test_a_native_model_routes_in_c_and_a_prompt_routes_as_its_tokens_do(package):
+    native = mobilemoe.load(package, expert_kernel="native")
+    assert native._native_routing
+    with native.trace_routing() as at_once:
+        native.logits(PROMPT[:6])
+    native.reset()
+    with native.trace_routing() as one_by_one:
+        for token in PROMPT[:6]:
+            native._forward([token], "last")
+    for layer in at_once[0]:
+        assert np.array_equal(at_once[0][layer], np.concatenate([s[layer] for s in one_by_one]))

@@ -30,8 +30,11 @@
 #define BLK 64          /* weights per quantization block */
 #define BLK_BYTES 32    /* int4 */
 #define ROWS 4          /* output rows computed together (one activation load serves four) */
-#define AHEAD_GROUPS 4  /* software prefetch distance, in groups of ROWS rows (measured: 2-16
-                           alike; none: 9.5 instead of 14.5 GB/s from DRAM on two threads) */
+#define AHEAD_GROUPS 4  /* software prefetch distance, in groups of ROWS rows (measured: 2-6
+                           alike, 12 slower; none: 9.5 instead of 14.5 GB/s from DRAM on two
+                           threads). Into L2 (T1), not L1: a core has ~16 L1 fill buffers,
+                           too few to keep DRAM busy (from DRAM, a layer's 8 experts 18.4
+                           against 16.9 GB/s; into L1 without hinting, NTA: 11.5) */
 
 int mm_cpu_supported(void) {
   __builtin_cpu_init();
@@ -100,7 +103,7 @@ static inline __attribute__((always_inline)) KERNEL void tile(
   for (int b = 0; b < nb; ++b) {
     if (ahead && !(b & 1))  /* one cache line holds two blocks of a row */
       for (int r = 0; r < NR; ++r)
-        _mm_prefetch((const char*)(w0 + (ROWS * AHEAD_GROUPS + r) * rb + b * BLK_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w0 + (ROWS * AHEAD_GROUPS + r) * rb + b * BLK_BYTES), _MM_HINT_T1);
     __m512i v[ROWS];
     for (int r = 0; r < NR; ++r) {  /* 32 bytes -> 64 nibbles: low ones, then high ones */
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(w0 + r * rb + b * BLK_BYTES));
@@ -404,8 +407,9 @@ static void layer_part(void* p, int part, int parts) {
 
 /* One token x [hidden] through `count` experts (pointers [count, 4], as for
    mm_q4_silu_expert) -> out [hidden] = sum over e in order of weights[e] * expert_e(x),
-   each term rounded to float32 and added in turn, as numpy's `out += w * y` does. Returns 0,
-   or -1 when out of memory. */
+   each term rounded to float32 and added in turn, as numpy's `out += w * y` does. A decode
+   step's layer is then done with experts: the workers are parked (mm_park) before the sum.
+   Returns 0, or -1 when out of memory. */
 int mm_q4_silu_experts_sum(const uint64_t* pointers, const float* weights, int count, int hidden,
                            int inter, const float* x, float* out) {
   layer_job l = {.pointers = pointers, .count = count, .hidden = hidden, .inter = inter, .x = x};
@@ -420,6 +424,7 @@ int mm_q4_silu_experts_sum(const uint64_t* pointers, const float* weights, int c
   pthread_mutex_lock(&running);
   run_parallel(layer_part, &l);
   pthread_mutex_unlock(&running);
+  mm_park();
   for (int i = 0; i < hidden; ++i) out[i] = 0.f;
   for (int e = 0; e < count; ++e) {
     const float w = weights[e], *y = l.outputs + (size_t)e * hidden;
@@ -427,5 +432,57 @@ int mm_q4_silu_experts_sum(const uint64_t* pointers, const float* weights, int c
   }
   free(l.outputs);
   free(l.scratch);
+  return 0;
+}
+
+/* ---- softmax routing --------------------------------------------------------------------- */
+
+/* Router logits [T, E] -> the top k experts of each token [T, k] (best first, ties to the lower
+   index) and their weights [T, k], with mobilemoe.routing.route's softmax semantics:
+   probabilities over all experts, top k, optionally renormalized over those k
+   (`normalize`); or (`top_k_first`) the top k logits, then a softmax over those k; then
+   times `scaling`. float32 throughout, the sums in index order. The expert kernels run next,
+   so this wakes their workers first (mm_wake): they are up when the first expert starts.
+   Returns 0, or -1 if k is not in 1..E or E > 1024. */
+int mm_route_softmax(const float* logits, int T, int E, int k, int normalize, int top_k_first,
+                     float scaling, int64_t* experts, float* weights) {
+  if (k < 1 || k > E || E > 1024) return -1;
+  mm_wake();
+  float p[1024];
+  unsigned char taken[1024];
+  for (int t = 0; t < T; ++t) {
+    const float* l = logits + (size_t)t * E;
+    int64_t* chosen = experts + (size_t)t * k;
+    float* w = weights + (size_t)t * k;
+    if (!top_k_first) {  /* p = softmax(l) */
+      float top = l[0], sum = 0.f;
+      for (int e = 1; e < E; ++e) top = l[e] > top ? l[e] : top;
+      for (int e = 0; e < E; ++e) sum += p[e] = expf(l[e] - top);
+      for (int e = 0; e < E; ++e) p[e] /= sum;
+    } else {
+      memcpy(p, l, (size_t)E * sizeof(float));
+    }
+    memset(taken, 0, (size_t)E);
+    for (int j = 0; j < k; ++j) {  /* E * k comparisons: E is at most a few hundred */
+      int best = -1;
+      for (int e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = 1;
+      chosen[j] = best;
+      w[j] = p[best];
+    }
+    if (top_k_first) {  /* a softmax over the k chosen logits; w[0] is their largest */
+      const float top = w[0];
+      float sum = 0.f;
+      for (int j = 0; j < k; ++j) sum += w[j] = expf(w[j] - top);
+      for (int j = 0; j < k; ++j) w[j] /= sum;
+    } else if (normalize) {
+      float sum = 0.f;
+      for (int j = 0; j < k; ++j) sum += w[j];
+      for (int j = 0; j < k; ++j) w[j] /= sum;
+    }
+    if (scaling != 1.f)
+      for (int j = 0; j < k; ++j) w[j] *= scaling;
+  }
   return 0;
 }
