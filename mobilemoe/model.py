@@ -495,6 +495,7 @@ class MoEModel:
                 outputs.append(hidden if want == "all" else hidden[-1:])
         self._tokens.extend(ids)
         logits = self._head.run(None, {"hidden": np.concatenate(outputs)})[0]
+        self._cache.settle()  # the step's hits, told to the cache's policy from warm caches
         # This step's buffers and evicted experts go back to the OS before the next step
         # allocates. A one-token step without page-ins freed nothing worth it: its buffers
         # are small (or mmapped: memory.limit_heap_retention), and malloc_trim walks the

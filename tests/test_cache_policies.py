@@ -186,8 +186,20 @@ def test_get_cached_counts_and_touches_as_get_does_or_nothing_on_a_miss():
     assert (cache.stats.hits, cache.stats.misses) == (2, 3)
     assert cache.get_cached(["a", "d"]) is None  # a miss: the caller pages in the usual way
     assert (cache.stats.hits, cache.stats.misses) == (2, 3)
-    cache.get("d")
+    cache.get("d")  # the hits reach the policy before it picks a victim
     assert sorted(cache._entries) == ["a", "c", "d"]
+
+
+def test_hits_reach_the_policy_in_order_when_the_cache_settles():
+    cache = ExpertCache(lambda key: Loaded(key, 1, 1), lambda key: 1, capacity_bytes=3,
+                        policy=LRUPolicy())
+    for key in "abc":
+        cache.get(key)
+    cache.get("a")
+    cache.get_cached(["b"])
+    assert cache.policy.victim(set()) == "a"  # not told yet
+    cache.settle()
+    assert cache.policy.victim(set()) == "c"
 
 
 # -- pinned ---------------------------------------------------------------------------------
