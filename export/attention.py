@@ -82,7 +82,20 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     """-> attention output [T, H]; the new keys (with RoPE) and values go into the cache."""
     kvh, d, groups = o.num_kv_heads, o.head_dim, o.num_heads // o.num_kv_heads
     acc = o.accuracy_level
-    q, k, v = qkv_projection(b, inp.x, t, quantize, acc, path)
+    # RoPE ("rotate half", on the first R dims of each head): the fused attention applies it
+    # from the tables at each token's position, if R/2 is a multiple of 8 (its requirement;
+    # every real model's is); otherwise (tiny test models) the graph does.
+    fused_rope = (o.rope_dim // 2) % 8 == 0
+    qkv = qkv_linear(b, inp.x, t, quantize, acc, path)  # [T, (nh + 2 kvh) d]
+    if (fused_rope and not o.clip_qkv and o.qk_norm is None
+            and d == o.value_head_dim == cache_head_dim(d, o.value_head_dim)):
+        # Nothing to do between the projection and the attention (Mixtral, Qwen2-MoE, GPT-OSS):
+        # the attention takes q, k and v packed, with no Split and six Reshapes per layer
+        # (~60 us a layer at one token on the OLMoE shape, at which ONNX Runtime's output
+        # is the same).
+        ctx = attention_core_packed(b, qkv, inp, o, t.get(Role.ATTN_SINKS), path)
+        return linear(b, ctx, quantize(t[Role.ATTN_O]), f"{path}/o_proj", acc, t.get(Role.ATTN_O_BIAS))
+    q, k, v = b.op("Split", [qkv, b.const(qkv_sizes(t))], f"{path}/qkv/Split", n_out=3, axis=-1)
     if o.clip_qkv:
         lo, hi = b.const(-o.clip_qkv, np.float32), b.const(o.clip_qkv, np.float32)
         q, k, v = (b.op("Clip", [y, lo, hi], f"{path}/{n}/Clip") for y, n in
@@ -96,10 +109,6 @@ def gqa_attention(b: GraphBuilder, inp: AttentionInputs, t: dict[Role, np.ndarra
     if o.qk_norm == "head":
         q = norm(b, q, t[Role.ATTN_Q_NORM], None, o.eps, f"{path}/q_norm")
         k = norm(b, k, t[Role.ATTN_K_NORM], None, o.eps, f"{path}/k_norm")
-    # RoPE ("rotate half", on the first R dims of each head): the fused attention applies it
-    # from the tables at each token's position, if R/2 is a multiple of 8 (its requirement;
-    # every real model's is); otherwise (tiny test models) the graph does.
-    fused_rope = (o.rope_dim // 2) % 8 == 0
     if not fused_rope:
         cos, sin = step_rope_rows(b, inp, path)
         q = rope(b, q, *(b.op("Unsqueeze", [y, b.const([1, 2])], f"{path}/rope/{n}_q")
@@ -119,25 +128,31 @@ def pad_last(b: GraphBuilder, x: str, rank: int, size: int, width: int, path: st
     return b.op("Pad", [x, b.const(pads)], path)
 
 
-def qkv_projection(b: GraphBuilder, x: str, t: dict[Role, np.ndarray], quantize: Quantize,
-                   accuracy_level: int, path: str) -> list[str]:
-    """q, k, v = x @ [Wq; Wk; Wv].T (+ biases), split.
+_QKV_ROLES = ((Role.ATTN_Q, Role.ATTN_Q_BIAS), (Role.ATTN_K, Role.ATTN_K_BIAS),
+              (Role.ATTN_V, Role.ATTN_V_BIAS))
+
+
+def qkv_sizes(t: dict[Role, np.ndarray]) -> list[int]:
+    """The widths of q, k and v in `qkv_linear`'s output."""
+    return [t[w].shape[0] for w, _ in _QKV_ROLES]
+
+
+def qkv_linear(b: GraphBuilder, x: str, t: dict[Role, np.ndarray], quantize: Quantize,
+               accuracy_level: int, path: str) -> str:
+    """x @ [Wq; Wk; Wv].T (+ biases): q, k and v side by side, [T, q + k + v widths].
 
     One MatMulNBits over the stacked rows instead of three: at one token a layer's time is
     mostly per-kernel overhead and weight streaming, and one kernel streams the three weights
     in one pass. Blockwise quantization runs along the input dimension, so stacking rows
     changes no quantized value; a missing bias adds exact zeros.
     """
-    roles = ((Role.ATTN_Q, Role.ATTN_Q_BIAS), (Role.ATTN_K, Role.ATTN_K_BIAS),
-             (Role.ATTN_V, Role.ATTN_V_BIAS))
-    sizes = [t[w].shape[0] for w, _ in roles]
-    weight = np.concatenate([t[w] for w, _ in roles])
+    sizes = qkv_sizes(t)
+    weight = np.concatenate([t[w] for w, _ in _QKV_ROLES])
     bias = None
-    if any(bias_role in t for _, bias_role in roles):
+    if any(bias_role in t for _, bias_role in _QKV_ROLES):
         bias = np.concatenate([t.get(bias_role, np.zeros(n, np.float32))
-                               for (_, bias_role), n in zip(roles, sizes, strict=True)])
-    qkv = linear(b, x, quantize(weight), f"{path}/qkv_proj", accuracy_level, bias)
-    return b.op("Split", [qkv, b.const(sizes)], f"{path}/qkv/Split", n_out=3, axis=-1)
+                               for (_, bias_role), n in zip(_QKV_ROLES, sizes, strict=True)])
+    return linear(b, x, quantize(weight), f"{path}/qkv_proj", accuracy_level, bias)
 
 
 def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: AttentionInputs,
@@ -161,19 +176,38 @@ def attention_core(b: GraphBuilder, q: str, k_new: str, v_new: str, inp: Attenti
                        in ((q, 4, dk, "q"), (k_new, 3, dk, "k"), (v_new, 3, dv, "v")))
     flat = [b.op("Reshape", [y, b.const([1, -1, n * width])], f"{path}/{name}/Flatten")  # [1,T,.]
             for y, name, n in ((q, "q", nh), (k_new, "k", kvh), (v_new, "v", kvh))]
-    inputs = [*flat, inp.past_key, inp.past_value, inp.seqlens_k, inp.total_length,
-              inp.cos if rotary else "", inp.sin if rotary else ""]
-    if sinks is not None:  # optional inputs 9, 10: position ids, attention bias
-        inputs += ["", "", b.weight(f"{path}.sinks", sinks.astype(np.float32))]
-    while not inputs[-1]:
-        inputs.pop()
-    ctx = b.op("GroupQueryAttention", inputs, f"{path}/GroupQueryAttention",
-               outputs=[f"{path}/GroupQueryAttention/output_0", PRESENT_KEY, PRESENT_VALUE],
-               domain="com.microsoft", num_heads=nh, kv_num_heads=kvh, scale=float(o.scale),
-               local_window_size=o.sliding_window or -1, do_rotary=int(rotary),
-               rotary_interleaved=0)[0]  # [1, T, nh * width]
+    ctx = group_query_attention(b, flat, inp, o, sinks, path, rotary)  # [1, T, nh * width]
     if dv < width:
         ctx = b.op("Reshape", [ctx, b.const([-1, nh, width])], f"{path}/context/Heads")
         ctx = b.op("Slice", [ctx, b.const([0]), b.const([dv]), b.const([2])],
                    f"{path}/context/Unpad")  # [T, nh, Dv]
     return b.op("Reshape", [ctx, b.const([-1, nh * dv])], f"{path}/context/Reshape")  # [T, nh*Dv]
+
+
+def attention_core_packed(b: GraphBuilder, qkv: str, inp: AttentionInputs, o: AttentionOptions,
+                          sinks: np.ndarray | None, path: str) -> str:
+    """`attention_core` for qkv [T, (nh + 2 kvh) * D] as projected (q, k, v side by side,
+    heads in order, one head width D for all), RoPE applied by the attention -> [T, nh * D]."""
+    nh, kvh, d = o.num_heads, o.num_kv_heads, o.head_dim
+    packed = b.op("Reshape", [qkv, b.const([1, -1, (nh + 2 * kvh) * d])], f"{path}/qkv/Batch")
+    ctx = group_query_attention(b, [packed, "", ""], inp, o, sinks, path, rotary=True)
+    return b.op("Reshape", [ctx, b.const([-1, nh * d])], f"{path}/context/Reshape")  # [T, nh*D]
+
+
+def group_query_attention(b: GraphBuilder, qkv: list[str], inp: AttentionInputs,
+                          o: AttentionOptions, sinks: np.ndarray | None, path: str,
+                          rotary: bool) -> str:
+    """ONNX Runtime's GroupQueryAttention over the layer's cache: qkv = [q, k, v] each
+    [1, T, heads * width], or [qkv packed, "", ""] -> [1, T, nh * width]; the new keys and
+    values are written to the cache in place (see the module docstring)."""
+    inputs = [*qkv, inp.past_key, inp.past_value, inp.seqlens_k, inp.total_length,
+              inp.cos if rotary else "", inp.sin if rotary else ""]
+    if sinks is not None:  # optional inputs 9, 10: position ids, attention bias
+        inputs += ["", "", b.weight(f"{path}.sinks", sinks.astype(np.float32))]
+    while not inputs[-1]:
+        inputs.pop()
+    return b.op("GroupQueryAttention", inputs, f"{path}/GroupQueryAttention",
+                outputs=[f"{path}/GroupQueryAttention/output_0", PRESENT_KEY, PRESENT_VALUE],
+                domain="com.microsoft", num_heads=o.num_heads, kv_num_heads=o.num_kv_heads,
+                scale=float(o.scale), local_window_size=o.sliding_window or -1,
+                do_rotary=int(rotary), rotary_interleaved=0)[0]

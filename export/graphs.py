@@ -30,14 +30,15 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._consts: dict[tuple, str] = {}
+        self._output_names: list[tuple[str, str]] = []  # (value, graph output name), see model()
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        if value != name:  # a node already writing `name` (a KV cache alias) needs no copy
-            self.op("Identity", [value], f"/outputs/{name}", outputs=[name])
+        if value != name:  # a node already writing `name` (a KV cache alias) is named already
+            self._output_names.append((value, name))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:
@@ -70,7 +71,28 @@ class GraphBuilder:
         )
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def _name_outputs(self) -> None:
+        """Give each graph output's value its output name where a node of this graph writes
+        it, instead of copying it with an Identity (ONNX Runtime keeps those for outputs:
+        ~10 us each at one token). A graph input, or a value output twice, still gets one."""
+        produced = {out for node in self.nodes for out in node.output}
+        renamed: dict[str, str] = {}
+        copies = []
+        for value, name in self._output_names:
+            if value in produced and value not in renamed:
+                renamed[value] = name
+            else:
+                copies.append(helper.make_node("Identity", [renamed.get(value, value)], [name],
+                                               name=f"/outputs/{name}"))
+        for node in self.nodes:
+            for values in (node.input, node.output):
+                for i, value in enumerate(values):
+                    values[i] = renamed.get(value, value)
+        self.nodes.extend(copies)
+        self._output_names.clear()
+
     def model(self) -> onnx.ModelProto:
+        self._name_outputs()
         graph = helper.make_graph(
             self.nodes, self.name, self.inputs, self.outputs, initializer=self.initializers
         )

@@ -600,7 +600,8 @@ def test_layer_graph_from_another_exporter_version(pkg):
     path = pkg / "graphs" / "layer_000.onnx"
     model = onnx.load(path)
     for node in model.graph.node:
-        node.output[:] = ["attn_residual" if o == "residual" else o for o in node.output]
+        for values in (node.input, node.output):
+            values[:] = ["attn_residual" if v == "residual" else v for v in values]
     for output in model.graph.output:
         if output.name == "residual":
             output.name = "attn_residual"

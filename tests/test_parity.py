@@ -192,8 +192,8 @@ def test_decoding_after_a_prefill_and_a_reset_is_bit_identical(export):
 
 def test_real_head_widths_take_the_fused_rope_and_match(tmp_path):
     """Heads of 32 (R/2 = 16): the fused attention applies RoPE itself (tiny heads of 12 take
-    the graph's own RoPE). A prompt, a prompt continued after a cached part (positions from
-    the cache length) and decode steps must match transformers."""
+    the graph's own RoPE) and takes q, k and v packed. A prompt, a prompt continued after a
+    cached part (positions from the cache length) and decode steps must match transformers."""
     folder = tmp_path / "ckpt"
     build_mixtral(folder, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
     package = export_model(folder, tmp_path / "pkg", bits=8, dense_bits=8, accuracy_level=1,
@@ -203,6 +203,10 @@ def test_real_head_widths_take_the_fused_rope_and_match(tmp_path):
         layer = onnx.load(package / model.manifest.layer_graphs[0].path)
         attention = next(n for n in layer.graph.node if n.op_type == "GroupQueryAttention")
         assert {a.name: a.i for a in attention.attribute}["do_rotary"] == 1
+        # q, k and v go in packed as projected, and the outputs are written where they are
+        # computed: no Split, no copies
+        assert list(attention.input[1:3]) == ["", ""]
+        assert not {"Split", "Identity"} & {n.op_type for n in layer.graph.node}
         logits = model.logits(PROMPT)
         reference = dequantized_reference(folder, 8, 8)
         np.testing.assert_allclose(logits, reference_logits(reference, PROMPT), rtol=0, atol=5e-5)
