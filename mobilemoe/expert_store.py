@@ -10,6 +10,7 @@ import numpy as np
 from mobilemoe.checksum import crc32
 from mobilemoe.errors import PackageError
 from mobilemoe.manifest import ExpertEntry, ExpertTemplate, Manifest, resolve_inside
+from mobilemoe.memory import huge_page_buffer
 
 
 class ExpertStore:
@@ -31,7 +32,7 @@ class ExpertStore:
     def read_unchecked(self, layer: int, expert: int) -> np.ndarray:
         """The expert's block as read; `check` it before computing with it."""
         entry = self._entries[(layer, expert)]
-        block = np.empty(entry.length, dtype=np.uint8)
+        block = huge_page_buffer(entry.length)
         got = os.preadv(self._fd, [block], entry.offset)
         if got != entry.length:
             raise PackageError(f"{self._path.name}: truncated at expert {layer}/{expert} "

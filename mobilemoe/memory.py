@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import resource
 import sys
 
+import numpy as np
 import psutil
 
 _PROCESS = psutil.Process()
@@ -42,6 +44,31 @@ def limit_heap_retention(threshold: int = 256 << 10) -> None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+def huge_page_buffer(length: int) -> np.ndarray:
+    """An uninitialized uint8 buffer of `length` bytes whose whole 2 MiB stretches the kernel
+    backs with transparent huge pages where it can (Linux with THP set to `madvise` or
+    `always`); elsewhere, or below 2 MiB, a plain buffer.
+
+    For expert blocks that the native kernel streams: with 4 KiB pages the TLB misses cost a
+    layer's 8 experts on the OLMoE shape 9-14% of their time (1447 against 1247-1320 us a
+    layer from DRAM). Only whole huge pages inside the block are asked for, so it stays
+    resident at its length (a huge page over its tail would add up to 2 MiB: numpy asks for
+    huge pages over whole arrays from 4 MiB, so this is its own mapping, not numpy's); the
+    extra 2 MiB of address space that aligns it is never touched, so never resident. The
+    mapping goes when the last view of the buffer does."""
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if length < HUGE_PAGE or advise is None:
+        return np.empty(length, np.uint8)
+    mapping = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(mapping, np.uint8)
+    start = -raw.ctypes.data % HUGE_PAGE
+    mapping.madvise(advise, start, length - length % HUGE_PAGE)
+    return raw[start:start + length]
 
 
 def _open_statm() -> int | None:
