@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import mmap
 import os
 import resource
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psutil
@@ -69,6 +71,87 @@ def huge_page_buffer(length: int) -> np.ndarray:
     start = -raw.ctypes.data % HUGE_PAGE
     mapping.madvise(advise, start, length - length % HUGE_PAGE)
     return raw[start:start + length]
+
+
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h; MADV_COLLAPSE since Linux 6.1
+
+
+def _load_libc_calls():
+    if not sys.platform.startswith("linux"):
+        return None, None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        madvise, mincore = libc.madvise, libc.mincore
+    except (OSError, AttributeError):
+        return None, None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return madvise, mincore
+
+
+_MADVISE, _MINCORE = _load_libc_calls()
+
+
+def anonymous_mappings() -> list[tuple[int, int]]:
+    """This process's private anonymous mappings as (start, end), from /proc/self/maps
+    (Linux; elsewhere none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 5 and fields[4] == "0" and fields[1].endswith("p"):  # no file behind
+            lo, hi = fields[0].split("-")
+            spans.append((int(lo, 16), int(hi, 16)))
+    return spans
+
+
+def _wholly_resident(start: int, length: int) -> bool:
+    pages = np.zeros(length // _PAGE_SIZE, np.uint8)
+    return _MINCORE(start, length, pages.ctypes.data) == 0 and bool(np.all(pages & 1))
+
+
+def collapse_into_huge_pages(before: list[tuple[int, int]], threads: int = 1) -> int:
+    """Move into transparent huge pages, now, every 2 MiB stretch of anonymous memory that is
+    wholly resident and was not mapped in `before` (an `anonymous_mappings()`); returns the
+    bytes moved. The kernel copies them (MADV_COLLAPSE, ~0.4 GB/s a thread here), on
+    `threads` threads. A hint: where the kernel cannot, nothing happens.
+
+    For ONNX Runtime's copies of the dense weights (it allocates them itself, in 4 KiB
+    pages): decoding the 2-layer OLMoE shape, the dense graphs took 6.9 instead of 8.5 ms a
+    token (median of 8 alternating pairs), the TLB misses gone. Only wholly resident
+    stretches: collapsing fills a huge page entirely, so a partly touched one (a lazily
+    zeroed buffer) would grow the resident set. Stretches, not mappings: the kernel merges
+    neighbouring mappings, old and new, touched and not."""
+    if _MADVISE is None or _MINCORE is None:
+        return 0
+    old = sorted(before)
+    old_starts = [lo for lo, _ in old]
+
+    def is_old(lo: int, hi: int) -> bool:  # overlaps a mapping of `before`
+        i = bisect.bisect_right(old_starts, hi - 1) - 1
+        return i >= 0 and old[i][1] > lo
+
+    runs: list[list[int]] = []  # [start, length] of consecutive stretches
+    for start, end in anonymous_mappings():
+        for lo in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE):
+            if is_old(lo, lo + HUGE_PAGE) or not _wholly_resident(lo, HUGE_PAGE):
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == lo and runs[-1][1] < 16 * HUGE_PAGE:
+                runs[-1][1] += HUGE_PAGE  # in runs of up to 32 MiB: a share for every thread
+            else:
+                runs.append([lo, HUGE_PAGE])
+
+    def collapse(run: list[int]) -> int:  # ctypes lets go of the GIL meanwhile
+        lo, length = run
+        advised = _MADVISE(lo, length, _MADV_HUGEPAGE) == 0
+        return length if advised and _MADVISE(lo, length, _MADV_COLLAPSE) == 0 else 0
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="mobilemoe-thp") as pool:
+        return sum(pool.map(collapse, runs))
 
 
 def _open_statm() -> int | None:

@@ -36,7 +36,14 @@ from mobilemoe.fused_experts import (
 )
 from mobilemoe.layers import KVCache, LayerRunner
 from mobilemoe.manifest import FileRef, LayerInfo, Manifest, resolve_inside
-from mobilemoe.memory import limit_heap_retention, max_rss, release_freed_memory, rss
+from mobilemoe.memory import (
+    anonymous_mappings,
+    collapse_into_huge_pages,
+    limit_heap_retention,
+    max_rss,
+    release_freed_memory,
+    rss,
+)
 from mobilemoe.memory_plan import (
     MemoryPlan,
     activation_bytes,
@@ -156,6 +163,7 @@ class MoEModel:
         # Two at a time, on as many threads as compute may use: checksumming a graph and
         # building its session (prepacking its weights) are largely single-threaded, and both
         # release the GIL (OLMoE shape: 5.9 s for the 18 graphs one after the other).
+        before_dense = anonymous_mappings()
         with ThreadPoolExecutor(min(2, threads), thread_name_prefix="mobilemoe-load") as pool:
             self._embed, *layer_sessions, self._head = pool.map(
                 self._dense_session, [m.embed_graph, *m.layer_graphs, m.head_graph])
@@ -164,6 +172,8 @@ class MoEModel:
         self._layers = [LayerRunner(s, self._kv.keys[i], self._kv.values[i], self._cos, self._sin)
                         for i, s in enumerate(layer_sessions)]
         release_freed_memory()
+        # the dense weights as ONNX Runtime holds them (memory.collapse_into_huge_pages)
+        collapse_into_huge_pages(before_dense, min(2, threads))
         dense_key = "dense:" + "".join(g.sha256 or "" for g in
                                        [m.embed_graph, *m.layer_graphs, m.head_graph])
         dense_bytes = _remember(dense_key, max(rss() - self._baseline_rss, m.dense_bytes()))

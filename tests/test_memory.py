@@ -1,12 +1,19 @@
-"""Buffers for expert blocks: huge pages inside, resident size unchanged."""
+"""Huge pages for the weights the kernels stream, the resident size unchanged."""
 
+import mmap
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mobilemoe.memory import HUGE_PAGE, huge_page_buffer, rss
+from mobilemoe.memory import (
+    HUGE_PAGE,
+    anonymous_mappings,
+    collapse_into_huge_pages,
+    huge_page_buffer,
+    rss,
+)
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -43,3 +50,38 @@ def test_whole_huge_pages_are_asked_for_and_the_tail_costs_no_more_than_its_leng
     assert grown < 8 * (length + 64 * 1024)  # a huge page over each tail would add 8 x 0.5 MiB
     del blocks, block
     assert rss() - before < grown / 4  # unmapped with its last view
+
+
+def _anon_huge_bytes(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, in bytes."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
+                    reason="no transparent huge pages here")
+def test_new_wholly_resident_mappings_move_to_huge_pages_and_nothing_grows():
+    size = 3 * HUGE_PAGE
+    before = anonymous_mappings()
+    full = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # read-only between them, so that the kernel does not merge the two into one mapping
+    guard = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    partial = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    full_view, partial_view = np.frombuffer(full, np.uint8), np.frombuffer(partial, np.uint8)
+    full_view[:] = 3  # like weights ONNX Runtime has written
+    partial_view[:HUGE_PAGE // 2] = 3  # like a buffer touched in part
+    resident = rss()
+    moved = collapse_into_huge_pages(before, threads=2)
+    if moved == 0:
+        pytest.skip("this kernel cannot collapse pages (MADV_COLLAPSE is Linux 6.1+)")
+    assert _anon_huge_bytes(full_view.ctypes.data) >= 2 * HUGE_PAGE  # its whole 2 MiB stretches
+    assert _anon_huge_bytes(partial_view.ctypes.data) == 0
+    assert abs(rss() - resident) < HUGE_PAGE  # nothing filled in
+    assert np.all(full_view == 3) and np.all(partial_view[:HUGE_PAGE // 2] == 3)
+    guard.close()
