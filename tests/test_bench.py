@@ -18,6 +18,7 @@ from mobilemoe.cli.main import app
 from typer.testing import CliRunner
 
 import mobilemoe
+from mobilemoe import native_experts
 from mobilemoe.bench import _Probe, run_bench
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -172,3 +173,22 @@ def test_prefetch_accuracy_guesses_the_next_layer_from_the_trained_demo_model():
     assert ((r["late"] >= 0) & (r["late"] <= 1)).all()
     # far better than guessing (k / E = 25%), and top-2k finds more than top-k
     assert r["late"][..., 0].mean() > 0.5 and (r["late"][..., 1] >= r["late"][..., 0]).all()
+
+
+def test_ab_checkouts_compares_two_checkouts(package, capsys):
+    import ab_checkouts
+
+    checkout = Path(__file__).resolve().parent.parent
+    ab_checkouts.main([str(checkout), str(checkout), str(package), "--pairs", "1",
+                       "--prompt-tokens", "8", "--new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "pair 1: A " in out and "B/A decode: median" in out and "'dense'" in out
+
+
+@pytest.mark.skipif(native_experts.unavailable_reason() is not None, reason="no native kernel here")
+def test_kernel_layer_times_a_layers_experts(capsys):
+    import kernel_layer
+
+    kernel_layer.main(["--experts", "16", "--hidden", "128", "--intermediate", "64", "--huge-pages"])
+    out = capsys.readouterr().out
+    assert "16 experts, huge pages" in out and "us a layer" in out
