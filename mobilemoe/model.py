@@ -129,7 +129,8 @@ class MoEModel:
             native_experts.use_threads(threads)
         # With the native kernel, routing it supports runs in C too (for every step, so a
         # token's route does not depend on its step's length or on the budget).
-        self._native_routing = bool(self._native_templates) and native_experts.routes(m.routing)
+        self._native_routing = (bool(self._native_templates)
+                                and native_experts.routes(m.routing, d.num_experts))
         warm_up()
         # numpy maps in code and tables the first time the routing code runs (~2 MB): that
         # belongs to the process baseline, not to this model.

@@ -113,10 +113,15 @@ def supports(template: ExpertTemplate, dims: ModelDims, quantization: Quantizati
             and all(slots[name].dtype == "float32" for name in (GATE_UP_SCALES, DOWN_SCALES)))
 
 
-def routes(routing: Routing) -> bool:
+MAX_ROUTED_EXPERTS = 1024  # mm_route_softmax's limit
+
+
+def routes(routing: Routing, num_experts: int) -> bool:
     """Whether `route` computes this routing: softmax scoring without expert groups (Mixtral,
-    Qwen-MoE, OLMoE, Granite, GPT-OSS; not DeepSeek's groups or sigmoid, nor Phi-MoE)."""
-    return routing.scoring == "softmax" and routing.n_group == 1
+    Qwen-MoE, OLMoE, Granite, GPT-OSS; not DeepSeek's groups or sigmoid, nor Phi-MoE), over
+    at most MAX_ROUTED_EXPERTS experts."""
+    return (routing.scoring == "softmax" and routing.n_group == 1
+            and routing.top_k <= num_experts <= MAX_ROUTED_EXPERTS)
 
 
 def route(logits: np.ndarray, routing: Routing) -> tuple[np.ndarray, np.ndarray]:

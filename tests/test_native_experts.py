@@ -169,9 +169,10 @@ def test_native_routing_chooses_and_weighs_as_numpy_routing_does(routing):
 
 def test_native_routing_refuses_what_it_cannot_compute():
     native_experts.use_threads(2)
-    assert native_experts.routes(Routing("softmax", 2, True))
-    assert not native_experts.routes(Routing("sigmoid", 8, True, n_group=8, topk_group=4))
-    assert not native_experts.routes(Routing("sparsemixer", 2, False))
+    assert native_experts.routes(Routing("softmax", 2, True), 8)
+    assert not native_experts.routes(Routing("softmax", 2, True), 2048)  # beyond its buffers
+    assert not native_experts.routes(Routing("sigmoid", 8, True, n_group=8, topk_group=4), 256)
+    assert not native_experts.routes(Routing("sparsemixer", 2, False), 16)
     with pytest.raises(MobileMoEError, match="top 9 of 8 experts"):
         native_experts.route(np.zeros((1, 8), np.float32), Routing("softmax", 9, True))
 
