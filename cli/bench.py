@@ -117,7 +117,8 @@ def print_result(r: BenchResult) -> None:
                    f" (all experts: {format_bytes(r.all_experts_bytes)}), "
                    + ("experts fused (QMoE)" if r.fused_experts else f"policy {r.policy}")),
         ("load", f"{r.load_seconds:.2f} s; preloaded {r.preloaded_experts} experts in "
-                 f"{r.preload_seconds:.2f} s"),
+                 f"{r.preload_seconds:.2f} s; dense weights in huge pages: "
+                 f"{format_bytes(m.get('dense_huge_page_bytes', 0))}"),
         *_phase_rows("prefill", r.prefill),
     ]
     if r.decode is not None:

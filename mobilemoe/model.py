@@ -90,6 +90,7 @@ class Stats:
     expert_cache_bytes: int  # what the cached expert sessions hold now
     expert_cache_capacity: int
     dense_bytes: int
+    dense_huge_page_bytes: int  # of the dense weights, in transparent huge pages since load
     kv_cache_bytes: int
     memory_budget: int | None
     baseline_rss: int  # the process before the model was loaded (interpreter, numpy, ORT)
@@ -174,7 +175,7 @@ class MoEModel:
                         for i, s in enumerate(layer_sessions)]
         release_freed_memory()
         # the dense weights as ONNX Runtime holds them (memory.collapse_into_huge_pages)
-        collapse_into_huge_pages(before_dense, min(2, threads))
+        self._dense_huge_page_bytes = collapse_into_huge_pages(before_dense, min(2, threads))
         dense_key = "dense:" + "".join(g.sha256 or "" for g in
                                        [m.embed_graph, *m.layer_graphs, m.head_graph])
         dense_bytes = _remember(dense_key, max(rss() - self._baseline_rss, m.dense_bytes()))
@@ -651,7 +652,8 @@ class MoEModel:
             hits=c.hits, misses=c.misses, evictions=c.evictions, hit_rate=c.hit_rate,
             bytes_paged_in=c.bytes_paged_in, paging_seconds=c.paging_seconds,
             expert_cache_bytes=c.resident_bytes, expert_cache_capacity=self._cache.capacity_bytes,
-            dense_bytes=self.plan.dense_bytes, kv_cache_bytes=self.plan.kv_bytes,
+            dense_bytes=self.plan.dense_bytes, dense_huge_page_bytes=self._dense_huge_page_bytes,
+            kv_cache_bytes=self.plan.kv_bytes,
             memory_budget=self.memory_budget, baseline_rss=self._baseline_rss,
             peak_rss=self._peak_rss, max_rss=max_rss(),
         )

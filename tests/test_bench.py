@@ -121,6 +121,7 @@ def test_bench_command_json(package):
     assert data["prompt_tokens"] == 8 and data["decode"]["tokens"] == 3
     assert data["decode"]["misses"] > 0
     assert set(data["decode"]["split_ms_per_token"]) >= {"dense", "experts", "paging", "other"}
+    assert data["model"]["dense_huge_page_bytes"] >= 0  # test_memory checks the huge pages
 
 
 def test_bench_command_with_a_cache_policy(package):

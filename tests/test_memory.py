@@ -2,6 +2,7 @@
 
 import mmap
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,23 @@ from mobilemoe.memory import (
 )
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from shapes import Shape  # noqa: E402
+from synthetic_package import write_synthetic_package  # noqa: E402
+
+import mobilemoe  # noqa: E402
+
+
+def _collapse_works() -> bool:
+    """Whether this kernel moves a wholly resident private mapping into huge pages."""
+    before = anonymous_mappings()
+    scratch = mmap.mmap(-1, 3 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = np.frombuffer(scratch, np.uint8)
+    view[:] = 1
+    moved = collapse_into_huge_pages(before)
+    del view
+    scratch.close()
+    return moved > 0
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -85,3 +103,17 @@ def test_new_wholly_resident_mappings_move_to_huge_pages_and_nothing_grows():
     assert abs(rss() - resident) < HUGE_PAGE  # nothing filled in
     assert np.all(full_view == 3) and np.all(partial_view[:HUGE_PAGE // 2] == 3)
     guard.close()
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text() or not _collapse_works(),
+                    reason="this kernel cannot move memory into huge pages (MADV_COLLAPSE)")
+def test_a_model_holds_its_dense_weights_in_huge_pages(tmp_path):
+    # an LM head and embedding of 8 MB each: whole huge pages in ONNX Runtime's copies
+    shape = Shape("wide-vocab", "none (test shape)", layers=1, hidden=1024, intermediate=256,
+                  experts=4, top_k=2, heads=8, kv_heads=8, head_dim=128, vocab=8192)
+    package = write_synthetic_package(shape, tmp_path / "wide.mmoe")
+    with mobilemoe.load(package, threads=2, context_length=16) as model:
+        stats = model.stats
+        assert stats.dense_huge_page_bytes >= 4 * HUGE_PAGE
+        assert stats.dense_huge_page_bytes <= stats.dense_bytes + HUGE_PAGE
+        assert np.isfinite(model.logits([1, 2, 3])).all()
