@@ -36,16 +36,21 @@ def _collapse_works() -> bool:
     return moved > 0
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+def _smaps_field(address: int, field: str) -> list[str]:
+    """The values of `field` (e.g. "VmFlags") for the mapping that holds `address`, from
+    /proc/self/smaps."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if span:
             inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
-        elif inside and line.startswith("VmFlags:"):
+        elif inside and line.startswith(f"{field}:"):
             return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _smaps_field(address, "VmFlags")
 
 
 def test_small_blocks_are_plain_buffers():
@@ -71,15 +76,7 @@ def test_whole_huge_pages_are_asked_for_and_the_tail_costs_no_more_than_its_leng
 
 
 def _anon_huge_bytes(address: int) -> int:
-    """AnonHugePages of the mapping that holds `address`, in bytes."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
-        if span:
-            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no mapping holds {address:#x}")
+    return int(_smaps_field(address, "AnonHugePages")[0]) * 1024  # reported in kB
 
 
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
