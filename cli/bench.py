@@ -118,7 +118,7 @@ def print_result(r: BenchResult) -> None:
                    + ("experts fused (QMoE)" if r.fused_experts else f"policy {r.policy}")),
         ("load", f"{r.load_seconds:.2f} s; preloaded {r.preloaded_experts} experts in "
                  f"{r.preload_seconds:.2f} s; dense weights in huge pages: "
-                 f"{format_bytes(m.get('dense_huge_page_bytes', 0))}"),
+                 f"{format_bytes(m['dense_huge_page_bytes'])}"),
         *_phase_rows("prefill", r.prefill),
     ]
     if r.decode is not None:

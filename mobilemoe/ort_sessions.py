@@ -44,11 +44,12 @@ def use_threads(threads: int, spin_after_runs: bool = True) -> None:
         set_sizes(threads, 1)
         _global_threads = threads
     elif abs(_global_threads) != threads or _spin_after_runs != spin_after_runs:
-        setup = (f"{abs(_global_threads)} threads, "
-                 + ("spinning" if _spin_after_runs else "not spinning between runs"))
-        wanted = f"{threads} threads, " + ("spinning" if spin_after_runs else "not spinning between runs")
+        def setup(n: int, spin: bool) -> str:
+            return f"{n} threads, " + ("spinning" if spin else "not spinning between runs")
+
         warnings.warn(f"ONNX Runtime's threads were set up by an earlier load in this process "
-                      f"({setup}); keeping them instead of {wanted}", stacklevel=3)
+                      f"({setup(abs(_global_threads), _spin_after_runs)}); keeping them instead "
+                      f"of {setup(threads, spin_after_runs)}", stacklevel=3)
 
 
 _WARMED_UP = False
